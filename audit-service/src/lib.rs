@@ -1,0 +1,1 @@
+//! secureops-audit (work in progress: see the issue tracker).

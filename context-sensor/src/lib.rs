@@ -1,0 +1,1 @@
+//! secureops-sensor (work in progress: see the issue tracker).

@@ -1,0 +1,1 @@
+//! secureops-dns (work in progress: see the issue tracker).

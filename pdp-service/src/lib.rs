@@ -1,0 +1,1 @@
+//! secureops-policy (work in progress: see the issue tracker).

@@ -1,0 +1,153 @@
+//! [`AllowlistPdp`]: a local, dependency-free PDP.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use crate::decision::{ConnectionRequest, Decision, PdpFuture, PdpOutcome, PolicyDecisionPoint};
+
+/// Why an allowlist entry was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AllowlistError {
+    #[error("allowlist entry {0:?}: a bare `*` would allow everything")]
+    BareWildcard(String),
+    #[error("allowlist entry {entry:?}: invalid host name: {why}")]
+    InvalidHost { entry: String, why: String },
+    #[error("allowlist entry {0:?}: IP literals are not host names (use a cidr rule in the PDP)")]
+    IpLiteral(String),
+}
+
+/// Allow a connection only when its host is in the egress allowlist;
+/// everything else is denied (fail-closed).
+///
+/// Entries are exact names (`github.com`) or `*.suffix` patterns, which match
+/// any subdomain of `suffix` but never `suffix` itself. IP literals never
+/// match. Names are normalised (lowercase, trailing dot, IDNA → punycode).
+#[derive(Debug, Clone, Default)]
+pub struct AllowlistPdp {
+    exact: HashSet<String>,
+    /// Stored with a leading dot: `.githubusercontent.com`.
+    suffixes: Vec<String>,
+}
+
+impl AllowlistPdp {
+    /// Build from entries; any invalid entry refuses the whole list.
+    pub fn new<I, S>(entries: I) -> Result<Self, AllowlistError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut pdp = AllowlistPdp::default();
+        for entry in entries {
+            let raw = entry.as_ref().trim();
+            if raw == "*" {
+                return Err(AllowlistError::BareWildcard(raw.to_string()));
+            }
+            if let Some(suffix) = raw.strip_prefix("*.") {
+                let norm = normalize_host(suffix).map_err(|why| AllowlistError::InvalidHost {
+                    entry: raw.to_string(),
+                    why,
+                })?;
+                pdp.suffixes.push(format!(".{norm}"));
+            } else {
+                if raw.trim_matches(['[', ']']).parse::<IpAddr>().is_ok() {
+                    return Err(AllowlistError::IpLiteral(raw.to_string()));
+                }
+                let norm = normalize_host(raw).map_err(|why| AllowlistError::InvalidHost {
+                    entry: raw.to_string(),
+                    why,
+                })?;
+                pdp.exact.insert(norm);
+            }
+        }
+        Ok(pdp)
+    }
+
+    /// Whether `host` (as seen on the wire) is allowed.
+    pub fn allows(&self, host: &str) -> bool {
+        let Ok(host) = normalize_host(host) else {
+            return false;
+        };
+        self.exact.contains(&host) || self.suffixes.iter().any(|s| host.ends_with(s.as_str()))
+    }
+}
+
+impl PolicyDecisionPoint for AllowlistPdp {
+    fn decide<'a>(&'a self, req: &'a ConnectionRequest) -> PdpFuture<'a> {
+        let outcome = if self.allows(&req.host) {
+            PdpOutcome::new(Decision::Allow, "allowlist")
+        } else {
+            PdpOutcome::new(Decision::Deny, "not_in_allowlist")
+        };
+        Box::pin(std::future::ready(outcome))
+    }
+}
+
+/// Normalise a host name: lowercase, one trailing dot stripped, IDNA →
+/// punycode, and refuse anything that is not a valid DNS name or that looks
+/// like an IP literal in any spelling.
+pub(crate) fn normalize_host(raw: &str) -> Result<String, String> {
+    let trimmed = raw.strip_suffix('.').unwrap_or(raw);
+    if trimmed.is_empty() {
+        return Err("empty name".into());
+    }
+    let ascii = idna::domain_to_ascii_strict(trimmed).map_err(|e| format!("{e:?}"))?;
+    if ascii.len() > 253 {
+        return Err("name longer than 253 bytes".into());
+    }
+    for label in ascii.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(format!("bad label length in {ascii:?}"));
+        }
+        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return Err(format!("invalid character in {ascii:?}"));
+        }
+    }
+    // All-numeric last label (e.g. 127.1, 0x7f.1) is an IP spelling, not a name.
+    if let Some(last) = ascii.rsplit('.').next()
+        && (last.bytes().all(|b| b.is_ascii_digit())
+            || (last.starts_with("0x") && last[2..].bytes().all(|b| b.is_ascii_hexdigit())))
+    {
+        return Err(format!("{ascii:?} is an IP literal spelling"));
+    }
+    Ok(ascii)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_semantics() {
+        let pdp = AllowlistPdp::new(["github.com", "*.githubusercontent.com"]).unwrap();
+        assert!(pdp.allows("github.com"));
+        assert!(pdp.allows("GitHub.com."));
+        assert!(pdp.allows("raw.githubusercontent.com"));
+        assert!(!pdp.allows("githubusercontent.com"));
+        assert!(!pdp.allows("evilgithubusercontent.com"));
+        assert!(!pdp.allows("githubusercontent.com.evil"));
+        assert!(!pdp.allows("github.com.evil"));
+        assert!(!pdp.allows("127.0.0.1"));
+        assert!(!pdp.allows("0x7f.1"));
+        assert!(!pdp.allows(""));
+    }
+
+    #[test]
+    fn refuses_bare_star_and_ips() {
+        assert!(matches!(
+            AllowlistPdp::new(["*"]),
+            Err(AllowlistError::BareWildcard(_))
+        ));
+        assert!(matches!(
+            AllowlistPdp::new(["10.0.0.1"]),
+            Err(AllowlistError::IpLiteral(_))
+        ));
+        assert!(AllowlistPdp::new(["bad host"]).is_err());
+    }
+
+    #[test]
+    fn idna_is_normalised() {
+        let pdp = AllowlistPdp::new(["bücher.example"]).unwrap();
+        assert!(pdp.allows("xn--bcher-kva.example"));
+        assert!(pdp.allows("BÜCHER.example"));
+    }
+}

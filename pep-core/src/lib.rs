@@ -1,0 +1,22 @@
+//! `secureops-pep`: what both SecureOps policy enforcement points (the egress
+//! proxy and the DNS sinkhole) share.
+//!
+//! The PEPs are thin: parse, attribute, ask, enforce, record. Every decision
+//! comes from a [`PolicyDecisionPoint`]; the only one that lives in this crate
+//! without a network dependency is [`AllowlistPdp`], used for tests and an
+//! explicitly configured standalone mode.
+//!
+//! Invariant: **a PEP never allows on error.** Every failure to obtain a
+//! definitive answer becomes [`Decision::Deny`] with a `fail_closed:<cause>`
+//! reason (see [`PdpOutcome::fail_closed`]), unless the operator explicitly
+//! chose [`FailMode::Open`], which is audited loudly.
+
+mod allowlist;
+mod decision;
+
+pub use allowlist::{AllowlistError, AllowlistPdp};
+pub use decision::{
+    CacheHint, ConnectionRequest, Decision, FailMode, PdpFuture, PdpOutcome, PolicyDecisionPoint,
+    ProcessIdentity,
+};
+pub use secureops_proto::v1::{AuditFinding, HostSource, Transport};

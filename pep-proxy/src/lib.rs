@@ -1,0 +1,1 @@
+//! secureops-proxy (work in progress: see the issue tracker).

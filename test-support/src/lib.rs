@@ -1,0 +1,1 @@
+//! secureops-test-support (work in progress: see the issue tracker).
