@@ -1,0 +1,225 @@
+//! The SecureOps policy language (DESIGN §4): YAML parsing with located
+//! errors, compilation into an immutable matcher, and evaluation.
+//!
+//! The compiled [`Policy`] is immutable, `Send + Sync` and cheap to share in an
+//! `Arc`; policy swaps are therefore a pointer swap and every in-flight check
+//! sees exactly one version.
+
+mod context;
+mod eval;
+mod host;
+mod ip;
+mod parse;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+pub use context::{ContextView, MemoryContext};
+pub use host::{HostError, normalize_host, parse_ip_literal};
+pub use ip::{SpecialRange, classify_ip};
+pub use secureops_proto::v1::HostSource;
+
+pub(crate) use eval::Compiled;
+
+/// Enforcement mode of a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Deny / escalate verdicts are enforced.
+    Enforce,
+    /// Everything is allowed, but a verdict that would have denied or
+    /// escalated is reported (`would_deny`) so operators can dry-run a policy.
+    Report,
+}
+
+/// What happens when no rule matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DefaultAction {
+    /// Deny (the safe default).
+    Deny,
+    /// Escalate to an operator.
+    Escalate,
+}
+
+/// A compiled, validated policy.
+pub struct Policy {
+    pub(crate) inner: Compiled,
+}
+
+impl fmt::Debug for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Policy")
+            .field("rules", &self.rule_count())
+            .field("mode", &self.mode())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Policy {
+    /// Parse, validate and compile a YAML policy. On failure every error
+    /// found is returned, each located by line, column and rule id.
+    pub fn compile(yaml: &str) -> Result<Policy, Vec<PolicyError>> {
+        let doc = parse::parse(yaml)?;
+        let inner = eval::compile(doc, yaml)?;
+        Ok(Policy { inner })
+    }
+
+    /// Evaluate one connection attempt / DNS query against the policy and
+    /// the process context.
+    pub fn evaluate(&self, req: &EvalRequest<'_>, ctx: &dyn ContextView) -> Evaluation {
+        self.inner.evaluate(req, ctx)
+    }
+
+    /// Number of rules (the `egress_allowlist` shorthand counts as one rule).
+    pub fn rule_count(&self) -> usize {
+        self.inner.rule_count()
+    }
+
+    /// `mode:` of the policy.
+    pub fn mode(&self) -> Mode {
+        self.inner.mode
+    }
+
+    /// `default:` of the policy.
+    pub fn default_action(&self) -> DefaultAction {
+        self.inner.default
+    }
+
+    /// Top-level `require_sensor: true`: deny with
+    /// `fail_closed:sensor_unavailable` when the workload's sensor is silent.
+    pub fn requires_sensor(&self) -> bool {
+        self.inner.require_sensor
+    }
+
+    /// The longest `within` window of any taint condition: how long the
+    /// context store must keep file-open events for this policy.
+    pub fn max_taint_window(&self) -> Option<Duration> {
+        self.inner.max_window
+    }
+
+    /// The YAML text this policy was compiled from.
+    pub fn source(&self) -> &str {
+        &self.inner.source
+    }
+
+    /// True when some allow / escalate pattern of this policy could match
+    /// `host` (already normalised) on `port`, ignoring workload, process and
+    /// context: a PEP-side pre-filter may deny names for which this is false.
+    pub fn host_may_match(&self, host: &str, port: u16) -> bool {
+        self.inner.host_may_match(host, port)
+    }
+}
+
+/// A located policy error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyError {
+    /// 1-based line (0 when the error has no position, e.g. empty input).
+    pub line: u32,
+    /// 1-based column.
+    pub column: u32,
+    /// Id of the rule the error belongs to, when known.
+    pub rule_id: Option<String>,
+    /// Path of the offending node, e.g. `rules[2].destinations[0].ports[1]`.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: ", self.line, self.column)?;
+        if let Some(id) = &self.rule_id {
+            write!(f, "[rule {id}] ")?;
+        }
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+/// Identity of a process, robust against PID reuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProcKey {
+    /// Process id.
+    pub pid: u32,
+    /// Start time (clock ticks since boot, /proc/PID/stat field 22).
+    pub start_time: u64,
+}
+
+/// One evaluation input.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalRequest<'a> {
+    /// Workload id.
+    pub workload: &'a str,
+    /// Executable path of the process (empty when unattributed).
+    pub exe: &'a str,
+    /// Host as seen on the wire: may be an IP literal in any spelling, or
+    /// empty for `ORIGINAL_DST`.
+    pub host: &'a str,
+    /// Destination port.
+    pub port: u16,
+    /// The IP the PEP will dial / the original destination.
+    pub ip: Option<IpAddr>,
+    /// Every IP the name resolved to (all are checked).
+    pub resolved_ips: &'a [IpAddr],
+    /// How the host was learned.
+    pub host_source: HostSource,
+    /// The process, `None` when unattributed.
+    pub process: Option<ProcKey>,
+    /// Ancestors of the process, nearest first.
+    pub ancestors: &'a [ProcKey],
+}
+
+/// The verdict of an evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// The connection may proceed.
+    Allow,
+    /// The connection is refused.
+    Deny,
+    /// The connection is refused pending an operator decision.
+    Escalate,
+}
+
+/// How far a PEP may reuse a decision (DESIGN §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheScope {
+    /// Do not cache.
+    None,
+    /// Any process of the workload, same (host, port).
+    Workload,
+    /// Only this process (pid, start time), same (host, port).
+    Process,
+}
+
+/// Cache lifetime of a cacheable decision. Short on purpose: invalidations
+/// over `Watch` are the primary mechanism; the TTL bounds the damage of a
+/// missed invalidation.
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(30);
+
+/// Result of an evaluation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evaluation {
+    /// The verdict.
+    pub verdict: Verdict,
+    /// Machine-readable reason: `rule:<id>`, `default_deny`,
+    /// `default_escalate`, `special_ip`, `dns_rebinding`, `tainted:<id>`,
+    /// `fail_closed:<cause>`, `invalid_host`, ...
+    pub reason: String,
+    /// The deciding rule, when a rule decided.
+    pub rule_id: Option<String>,
+    /// True when the decision depended on per-process context (taint,
+    /// sensor liveness) or on escalation state.
+    pub context_dependent: bool,
+    /// How far the decision may be cached.
+    pub cache_scope: CacheScope,
+    /// Cache lifetime (zero when `cache_scope` is `None`).
+    pub cache_ttl: Duration,
+    /// `mode: report` turned a deny / escalate into an allow.
+    pub would_deny: bool,
+    /// Normalised host (or canonical IP text) for escalation dedupe.
+    pub normalized_host: Option<String>,
+}
