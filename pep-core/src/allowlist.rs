@@ -98,7 +98,10 @@ pub(crate) fn normalize_host(raw: &str) -> Result<String, String> {
         if label.is_empty() || label.len() > 63 {
             return Err(format!("bad label length in {ascii:?}"));
         }
-        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
             return Err(format!("invalid character in {ascii:?}"));
         }
     }

@@ -87,7 +87,9 @@ impl std::str::FromStr for FailMode {
         match s {
             "closed" => Ok(FailMode::Closed),
             "open" => Ok(FailMode::Open),
-            other => Err(format!("unknown fail mode {other:?} (expected closed|open)")),
+            other => Err(format!(
+                "unknown fail mode {other:?} (expected closed|open)"
+            )),
         }
     }
 }

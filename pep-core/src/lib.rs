@@ -12,7 +12,12 @@
 //! chose [`FailMode::Open`], which is audited loudly.
 
 mod allowlist;
+pub mod breaker;
+pub mod cache;
 mod decision;
+pub mod grpc;
+pub mod metrics;
+pub mod telemetry;
 
 pub use allowlist::{AllowlistError, AllowlistPdp};
 pub use decision::{
@@ -20,3 +25,8 @@ pub use decision::{
     ProcessIdentity,
 };
 pub use secureops_proto::v1::{AuditFinding, HostSource, Transport};
+
+pub use breaker::{BreakerConfig, BreakerOpen, BreakerState};
+pub use cache::{CacheConfig, DecisionCache};
+pub use grpc::{GrpcPdp, GrpcPdpConfig, GrpcPdpError, fail_closed_outcome};
+pub use metrics::PepMetrics;

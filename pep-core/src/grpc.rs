@@ -1,0 +1,501 @@
+//! [`GrpcPdp`]: the fail-closed gRPC client of the PDP (DESIGN.md §8).
+//!
+//! Every way a call can go wrong ends in [`fail_closed_outcome`], which is the
+//! only place errors become decisions: `Decision::Deny` with reason
+//! `fail_closed:<cause>`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use secureops_proto::v1::policy_decision_client::PolicyDecisionClient;
+use secureops_proto::v1::{CacheScope, CheckRequest, CheckResponse, Verdict};
+use tonic::transport::{Channel, Endpoint};
+use tower::ServiceBuilder;
+use tower::ServiceExt;
+use tower::util::BoxCloneSyncService;
+use tower_service::Service;
+
+use crate::breaker::{Breaker, BreakerConfig, BreakerLayer, BreakerOpen, BreakerState};
+use crate::cache::{CacheConfig, DecisionCache, spawn_watch};
+use crate::decision::{
+    CacheHint, ConnectionRequest, Decision, PdpFuture, PdpOutcome, PolicyDecisionPoint,
+};
+use crate::metrics::PepMetrics;
+
+/// Boxed error of the client stack.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The PDP answered with something a PEP cannot act on.
+#[derive(Debug, thiserror::Error)]
+#[error("bad PDP response: {0}")]
+pub struct BadResponse(pub String);
+
+/// Construction errors of [`GrpcPdp`].
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcPdpError {
+    #[error("invalid PDP endpoint {0:?}: {1}")]
+    Endpoint(String, String),
+}
+
+/// Tuning of [`GrpcPdp`]; defaults follow DESIGN.md §8.
+#[derive(Debug, Clone)]
+pub struct GrpcPdpConfig {
+    /// `http://host:port` of the PDP data listener.
+    pub endpoint: String,
+    /// This PEP instance (sent as `pep_id`).
+    pub pep_id: String,
+    /// Workload this PEP enforces for (Watch filter; empty = all).
+    pub workload_id: String,
+    /// Overall deadline of one decision, readiness included. Default 50 ms.
+    pub deadline: Duration,
+    /// TCP connect timeout to the PDP. Default 200 ms.
+    pub connect_timeout: Duration,
+    /// In-flight checks before new ones are shed. Default 512.
+    pub max_in_flight: usize,
+    pub breaker: BreakerConfig,
+    /// HTTP/2 PING interval / timeout: detects a dead PDP (and a dead Watch
+    /// stream) without traffic. Defaults 5 s / 2 s.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// `Some` enables the decision cache and the Watch stream.
+    pub cache: Option<CacheConfig>,
+}
+
+impl GrpcPdpConfig {
+    pub fn new(endpoint: impl Into<String>, pep_id: impl Into<String>) -> Self {
+        GrpcPdpConfig {
+            endpoint: endpoint.into(),
+            pep_id: pep_id.into(),
+            workload_id: String::new(),
+            deadline: Duration::from_millis(50),
+            connect_timeout: Duration::from_millis(200),
+            max_in_flight: 512,
+            breaker: BreakerConfig::default(),
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(2),
+            cache: Some(CacheConfig::default()),
+        }
+    }
+}
+
+type CheckStack = BoxCloneSyncService<CheckRequest, CheckResponse, BoxError>;
+
+/// The gRPC PDP client. Cheap to share (`Arc` it); [`GrpcPdp::new`] never
+/// blocks on the network: the channel connects lazily, so a PEP starts (and
+/// denies, fail-closed) while the PDP is still down.
+pub struct GrpcPdp {
+    stack: CheckStack,
+    pep_id: String,
+    breaker: Breaker,
+    cache: Option<Arc<DecisionCache>>,
+    metrics: PepMetrics,
+    watch: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for GrpcPdp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcPdp")
+            .field("pep_id", &self.pep_id)
+            .field("breaker", &self.breaker.state())
+            .finish()
+    }
+}
+
+impl Drop for GrpcPdp {
+    fn drop(&mut self) {
+        if let Some(w) = self.watch.take() {
+            w.abort();
+        }
+    }
+}
+
+/// The PDP client stack, outermost first. Readiness never blocks: the
+/// breaker answers immediately while open and load shedding turns "no
+/// capacity" into an immediate error, so the deadline only ever waits on the
+/// network.
+fn pdp_stack(channel: Channel, cfg: &GrpcPdpConfig, breaker: Breaker) -> CheckStack {
+    let svc = ServiceBuilder::new()
+        // 1. overall deadline of the decision
+        .timeout(cfg.deadline)
+        // 2. fail fast while the PDP is known to be down
+        .layer(BreakerLayer::new(breaker, counts_as_pdp_failure))
+        // 3. refuse instead of queueing when at capacity
+        .load_shed()
+        // 4. bound the in-flight checks
+        .concurrency_limit(cfg.max_in_flight)
+        // 5. the tonic channel (connect timeout, HTTP/2 keep-alive)
+        .service(CheckCall {
+            client: PolicyDecisionClient::new(channel),
+            deadline: cfg.deadline,
+        });
+    BoxCloneSyncService::new(svc)
+}
+
+fn endpoint(cfg: &GrpcPdpConfig) -> Result<Endpoint, GrpcPdpError> {
+    let ep = Endpoint::from_shared(cfg.endpoint.clone())
+        .map_err(|e| GrpcPdpError::Endpoint(cfg.endpoint.clone(), e.to_string()))?;
+    Ok(ep
+        .connect_timeout(cfg.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(cfg.keepalive_interval)
+        .keep_alive_timeout(cfg.keepalive_timeout)
+        .keep_alive_while_idle(true))
+}
+
+impl GrpcPdp {
+    /// Build the client. Must run inside a tokio runtime (the channel and the
+    /// Watch task are spawned on it). Never waits for the PDP.
+    pub fn new(cfg: GrpcPdpConfig, metrics: PepMetrics) -> Result<Self, GrpcPdpError> {
+        let ep = endpoint(&cfg)?;
+        let gauge = metrics.breaker_state.clone();
+        gauge.set(BreakerState::Closed.as_gauge());
+        // The deadline sits above the breaker and drops the call future when
+        // it fires; a drop after 90% of the deadline is that timeout.
+        let breaker = Breaker::new(BreakerConfig {
+            abandon_counts_as_failure_after: cfg.deadline.mul_f64(0.9),
+            ..cfg.breaker
+        })
+        .with_listener(move |s| {
+            gauge.set(s.as_gauge());
+        });
+        let stack = pdp_stack(ep.connect_lazy(), &cfg, breaker.clone());
+        let (cache, watch) = match cfg.cache {
+            Some(cc) => {
+                let cache = Arc::new(DecisionCache::new(cc, metrics.clone()));
+                // A separate HTTP/2 connection: a long-lived stream must not
+                // share fate (flow control, GOAWAY) with the hot path.
+                let w = spawn_watch(
+                    ep.connect_lazy(),
+                    cache.clone(),
+                    cfg.pep_id.clone(),
+                    cfg.workload_id.clone(),
+                );
+                (Some(cache), Some(w))
+            }
+            None => (None, None),
+        };
+        Ok(GrpcPdp {
+            stack,
+            pep_id: cfg.pep_id,
+            breaker,
+            cache,
+            metrics,
+            watch,
+        })
+    }
+
+    /// Current breaker state.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    /// The decision cache, when enabled.
+    pub fn cache(&self) -> Option<&Arc<DecisionCache>> {
+        self.cache.as_ref()
+    }
+
+    pub fn metrics(&self) -> &PepMetrics {
+        &self.metrics
+    }
+
+    /// Ask the PDP (through the stack), without the cache.
+    async fn ask(&self, req: CheckRequest) -> PdpOutcome {
+        let started = Instant::now();
+        let outcome = match self.stack.clone().oneshot(req).await {
+            Ok(resp) => outcome_from_response(resp),
+            Err(e) => fail_closed_outcome(&*e),
+        };
+        self.metrics
+            .pdp_latency
+            .observe(started.elapsed().as_secs_f64());
+        outcome
+    }
+}
+
+impl PolicyDecisionPoint for GrpcPdp {
+    fn decide<'a>(&'a self, req: &'a ConnectionRequest) -> PdpFuture<'a> {
+        Box::pin(async move {
+            if let Some(cache) = &self.cache
+                && let Some(hit) = cache.get(req)
+            {
+                self.metrics.count_outcome(&hit);
+                return hit;
+            }
+            let epoch = self.cache.as_ref().map(|c| c.epoch());
+            let outcome = self.ask(req.to_proto(&self.pep_id)).await;
+            if let (Some(cache), Some(epoch)) = (&self.cache, epoch) {
+                cache.insert(req, &outcome, epoch);
+            }
+            if let Some(cause) = &outcome.fail_closed_cause {
+                tracing::debug!(request_id = %req.request_id, %cause, "pdp check failed closed");
+            }
+            self.metrics.count_outcome(&outcome);
+            outcome
+        })
+    }
+}
+
+/// Innermost service: one unary `Check` on the channel.
+#[derive(Clone)]
+struct CheckCall {
+    client: PolicyDecisionClient<Channel>,
+    deadline: Duration,
+}
+
+impl Service<CheckRequest> for CheckCall {
+    type Response = CheckResponse;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<CheckResponse, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // The channel's own readiness is awaited inside the call, under the
+        // deadline; the concurrency limit above bounds how many wait.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: CheckRequest) -> Self::Future {
+        let mut client = self.client.clone();
+        let deadline = self.deadline;
+        Box::pin(async move {
+            let mut r = tonic::Request::new(req);
+            // Propagate the deadline (grpc-timeout) so the PDP stops working
+            // on answers nobody waits for.
+            r.set_timeout(deadline);
+            Ok(client.check(r).await?.into_inner())
+        })
+    }
+}
+
+/// Errors that say "the PDP is not working" and count towards opening the
+/// breaker. An *answer* (PermissionDenied, InvalidArgument, ...) proves the
+/// PDP is alive and does not count; local overload does not either.
+pub fn counts_as_pdp_failure(e: &BoxError) -> bool {
+    if e.is::<tower::load_shed::error::Overloaded>() || e.is::<BreakerOpen>() {
+        return false;
+    }
+    match e.downcast_ref::<tonic::Status>() {
+        Some(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unknown
+                | tonic::Code::Internal
+                | tonic::Code::ResourceExhausted
+        ),
+        // transport errors, timeouts, anything unexpected
+        None => true,
+    }
+}
+
+/// The fail-closed cause of an error of the client stack (walks the source
+/// chain, so wrapped errors are recognised).
+pub fn fail_closed_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if e.is::<tower::timeout::error::Elapsed>() || e.is::<tokio::time::error::Elapsed>() {
+            return "pdp_timeout".into();
+        }
+        if e.is::<BreakerOpen>() {
+            return "breaker_open".into();
+        }
+        if e.is::<tower::load_shed::error::Overloaded>() {
+            return "pdp_overloaded".into();
+        }
+        if e.is::<BadResponse>() {
+            return "pdp_bad_response".into();
+        }
+        if e.is::<tonic::transport::Error>() {
+            return "pdp_unavailable".into();
+        }
+        if let Some(s) = e.downcast_ref::<tonic::Status>() {
+            return match s.code() {
+                tonic::Code::DeadlineExceeded => "pdp_timeout".into(),
+                tonic::Code::Unavailable => "pdp_unavailable".into(),
+                // tonic reports some connection failures as Unknown with the
+                // transport error as source: look there first.
+                code => match std::error::Error::source(s) {
+                    Some(src) if fail_closed_cause(src) == "pdp_unavailable" => {
+                        "pdp_unavailable".into()
+                    }
+                    _ => format!("pdp_error:{}", code_name(code)),
+                },
+            };
+        }
+        cur = e.source();
+    }
+    "pdp_error:unknown".into()
+}
+
+/// THE mapping of every PDP client error to a decision: `Decision::Deny`,
+/// reason `fail_closed:<cause>` (see [`fail_closed_cause`]).
+pub fn fail_closed_outcome(err: &(dyn std::error::Error + 'static)) -> PdpOutcome {
+    PdpOutcome::fail_closed(fail_closed_cause(err))
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "ok",
+        Cancelled => "cancelled",
+        Unknown => "unknown",
+        InvalidArgument => "invalid_argument",
+        DeadlineExceeded => "deadline_exceeded",
+        NotFound => "not_found",
+        AlreadyExists => "already_exists",
+        PermissionDenied => "permission_denied",
+        ResourceExhausted => "resource_exhausted",
+        FailedPrecondition => "failed_precondition",
+        Aborted => "aborted",
+        OutOfRange => "out_of_range",
+        Unimplemented => "unimplemented",
+        Internal => "internal",
+        Unavailable => "unavailable",
+        DataLoss => "data_loss",
+        Unauthenticated => "unauthenticated",
+    }
+}
+
+/// Longest reason / id accepted from the PDP (they end up in logs, metrics
+/// and audit records).
+const MAX_FIELD: usize = 256;
+
+fn bounded(s: String) -> String {
+    if s.len() <= MAX_FIELD {
+        return s;
+    }
+    let mut end = MAX_FIELD;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// Map a `CheckResponse` to an outcome. `VERDICT_UNSPECIFIED` and unknown
+/// verdicts are a bad response (fail-closed deny). A context-dependent
+/// decision is never cached beyond its process.
+pub fn outcome_from_response(resp: CheckResponse) -> PdpOutcome {
+    let decision = match Verdict::try_from(resp.decision) {
+        Ok(Verdict::Allow) => Decision::Allow,
+        Ok(Verdict::Deny) => Decision::Deny,
+        Ok(Verdict::Escalate) => Decision::Escalate,
+        Ok(Verdict::Unspecified) | Err(_) => {
+            return fail_closed_outcome(&BadResponse(format!("verdict {}", resp.decision)));
+        }
+    };
+    let ttl = Duration::from_millis(u64::from(resp.cache_ttl_ms));
+    let cache = match CacheScope::try_from(resp.cache_scope) {
+        _ if ttl.is_zero() => CacheHint::None,
+        Ok(CacheScope::Workload) if resp.context_dependent => CacheHint::Process { ttl },
+        Ok(CacheScope::Workload) => CacheHint::Workload { ttl },
+        Ok(CacheScope::Process) => CacheHint::Process { ttl },
+        Ok(CacheScope::None) | Err(_) => CacheHint::None,
+    };
+    PdpOutcome {
+        decision,
+        reason: bounded(resp.reason),
+        rule_id: bounded(resp.rule_id),
+        policy_version: resp.policy_version,
+        escalation_id: bounded(resp.escalation_id),
+        cache,
+        fail_closed_cause: None,
+        would_deny: resp.would_deny,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cause_mapping() {
+        let t = tower::timeout::error::Elapsed::new();
+        assert_eq!(fail_closed_outcome(&t).reason, "fail_closed:pdp_timeout");
+        assert_eq!(
+            fail_closed_outcome(&BreakerOpen).reason,
+            "fail_closed:breaker_open"
+        );
+        assert_eq!(
+            fail_closed_outcome(&tower::load_shed::error::Overloaded::new()).reason,
+            "fail_closed:pdp_overloaded"
+        );
+        assert_eq!(
+            fail_closed_outcome(&tonic::Status::unavailable("x")).reason,
+            "fail_closed:pdp_unavailable"
+        );
+        assert_eq!(
+            fail_closed_outcome(&tonic::Status::deadline_exceeded("x")).reason,
+            "fail_closed:pdp_timeout"
+        );
+        let o = fail_closed_outcome(&tonic::Status::permission_denied("x"));
+        assert_eq!(o.reason, "fail_closed:pdp_error:permission_denied");
+        assert_eq!(o.decision, Decision::Deny);
+        assert_eq!(
+            o.fail_closed_cause.as_deref(),
+            Some("pdp_error:permission_denied")
+        );
+        let boxed: BoxError = Box::new(BreakerOpen);
+        assert_eq!(
+            fail_closed_outcome(&*boxed).reason,
+            "fail_closed:breaker_open"
+        );
+    }
+
+    #[test]
+    fn breaker_classification() {
+        let f = |e: BoxError| counts_as_pdp_failure(&e);
+        assert!(f(Box::new(tonic::Status::unavailable(""))));
+        assert!(f(Box::new(tonic::Status::deadline_exceeded(""))));
+        assert!(!f(Box::new(tonic::Status::permission_denied(""))));
+        assert!(!f(Box::new(tonic::Status::invalid_argument(""))));
+        assert!(!f(Box::new(tower::load_shed::error::Overloaded::new())));
+    }
+
+    #[test]
+    fn response_mapping() {
+        let base = CheckResponse {
+            decision: Verdict::Allow as i32,
+            reason: "rule:x".into(),
+            rule_id: "x".into(),
+            policy_version: 7,
+            cache_scope: CacheScope::Workload as i32,
+            cache_ttl_ms: 1000,
+            ..Default::default()
+        };
+        let o = outcome_from_response(base.clone());
+        assert_eq!(o.decision, Decision::Allow);
+        assert_eq!(o.policy_version, 7);
+        assert_eq!(
+            o.cache,
+            CacheHint::Workload {
+                ttl: Duration::from_secs(1)
+            }
+        );
+        let o = outcome_from_response(CheckResponse {
+            context_dependent: true,
+            ..base.clone()
+        });
+        assert!(matches!(o.cache, CacheHint::Process { .. }));
+        let o = outcome_from_response(CheckResponse {
+            cache_ttl_ms: 0,
+            ..base.clone()
+        });
+        assert_eq!(o.cache, CacheHint::None);
+        for v in [Verdict::Unspecified as i32, 99, -1] {
+            let o = outcome_from_response(CheckResponse {
+                decision: v,
+                ..base.clone()
+            });
+            assert_eq!(o.decision, Decision::Deny);
+            assert_eq!(o.reason, "fail_closed:pdp_bad_response");
+            assert_eq!(o.cache, CacheHint::None);
+        }
+        let o = outcome_from_response(CheckResponse {
+            reason: "é".repeat(1000),
+            ..base
+        });
+        assert!(o.reason.len() <= MAX_FIELD);
+    }
+}
