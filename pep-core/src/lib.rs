@@ -17,6 +17,8 @@ pub mod cache;
 mod decision;
 pub mod grpc;
 pub mod metrics;
+pub mod shipper;
+pub mod spool;
 pub mod telemetry;
 
 pub use allowlist::{AllowlistError, AllowlistPdp};
@@ -30,3 +32,5 @@ pub use breaker::{BreakerConfig, BreakerOpen, BreakerState};
 pub use cache::{CacheConfig, DecisionCache};
 pub use grpc::{GrpcPdp, GrpcPdpConfig, GrpcPdpError, fail_closed_outcome};
 pub use metrics::PepMetrics;
+pub use shipper::{Shipper, ShipperConfig, ShipperError};
+pub use spool::{AuditSpool, SpoolError, SpoolLimits};

@@ -140,7 +140,6 @@ impl PepMetrics {
             .inc();
     }
 
-    #[allow(dead_code)]
     pub(crate) fn count_spool(&self, result: &'static str) {
         self.spool_appends
             .get_or_create(&[("result", result.to_string())])
