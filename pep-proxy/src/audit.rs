@@ -1,0 +1,148 @@
+//! Where the proxy's audit records go.
+//!
+//! Every connection attempt (and every plain-HTTP request) produces exactly
+//! one [`AuditFinding`], written *before* any byte is forwarded upstream. If
+//! a sink cannot take the record the attempt is denied with
+//! `fail_closed:audit_spool`: an unrecorded allow is not allowed.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use std::sync::Mutex;
+
+use secureops_pep::AuditFinding;
+
+/// Why a record could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit sink I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("audit sink unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A destination for audit records. `record` must be durable-enough for
+/// the sink's purpose when it returns `Ok` (the spool: appended; the JSONL
+/// log: written to the file).
+pub trait AuditSink: Send + Sync {
+    /// Record one finding; returns its sequence number in this sink.
+    fn record(&self, finding: &AuditFinding) -> Result<u64, AuditError>;
+}
+
+/// Append-only JSON-lines file, one object per finding (`--audit-log`).
+/// A local, greppable mirror for standalone mode and tests.
+pub struct JsonlAuditLog {
+    file: Mutex<File>,
+    seq: AtomicU64,
+}
+
+impl JsonlAuditLog {
+    pub fn open(path: &Path) -> Result<Self, AuditError> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(JsonlAuditLog {
+            file: Mutex::new(file),
+            seq: AtomicU64::new(0),
+        })
+    }
+}
+
+impl AuditSink for JsonlAuditLog {
+    fn record(&self, finding: &AuditFinding) -> Result<u64, AuditError> {
+        let mut line = finding_to_json(finding).to_string();
+        line.push('\n');
+        let mut f = self
+            .file
+            .lock()
+            .map_err(|_| AuditError::Unavailable("poisoned".into()))?;
+        // One write(2) on an O_APPEND file: lines never interleave.
+        f.write_all(line.as_bytes())?;
+        Ok(self.seq.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Emit each record as a structured `tracing` event (target
+/// `secureops_audit`). Used when no spool / log is configured, loudly
+/// warned at start: it is not a tamper-evident log.
+pub struct TracingAuditLog {
+    seq: AtomicU64,
+}
+
+impl TracingAuditLog {
+    pub fn new() -> Self {
+        TracingAuditLog {
+            seq: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Default for TracingAuditLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AuditSink for TracingAuditLog {
+    fn record(&self, finding: &AuditFinding) -> Result<u64, AuditError> {
+        tracing::info!(target: "secureops_audit", record = %finding_to_json(finding), "audit");
+        Ok(self.seq.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Several sinks; the record counts as taken only if every sink took it.
+pub struct TeeAuditSink(pub Vec<Box<dyn AuditSink>>);
+
+impl AuditSink for TeeAuditSink {
+    fn record(&self, finding: &AuditFinding) -> Result<u64, AuditError> {
+        let mut first = None;
+        for s in &self.0 {
+            let seq = s.record(finding)?;
+            first.get_or_insert(seq);
+        }
+        first.ok_or_else(|| AuditError::Unavailable("no sink configured".into()))
+    }
+}
+
+/// A sink that always fails: `--audit-log` pointing to an unwritable place
+/// must not silently turn into "no audit"; tests also use it to prove the
+/// fail-closed path.
+pub struct BrokenAuditSink(pub String);
+
+impl AuditSink for BrokenAuditSink {
+    fn record(&self, _finding: &AuditFinding) -> Result<u64, AuditError> {
+        Err(AuditError::Unavailable(self.0.clone()))
+    }
+}
+
+/// JSON form of a finding (field names as in the proto).
+pub fn finding_to_json(f: &AuditFinding) -> serde_json::Value {
+    use secureops_pep::{HostSource, Transport};
+    let verdict = secureops_pep::Decision::from_proto(f.decision).as_str();
+    serde_json::json!({
+        "timestamp_unix_nanos": f.timestamp_unix_nanos,
+        "pep_kind": f.pep_kind,
+        "pep_id": f.pep_id,
+        "workload_id": f.workload_id,
+        "pid": f.pid,
+        "process_start_time": f.process_start_time,
+        "exe": f.exe,
+        "uid": f.uid,
+        "host": f.host,
+        "host_source": HostSource::try_from(f.host_source).map(|h| h.as_str_name()).unwrap_or("HOST_SOURCE_UNSPECIFIED"),
+        "port": f.port,
+        "dialled_ip": f.dialled_ip,
+        "transport": Transport::try_from(f.transport).map(|t| t.as_str_name()).unwrap_or("TRANSPORT_UNSPECIFIED"),
+        "decision": verdict,
+        "reason": f.reason,
+        "rule_id": f.rule_id,
+        "policy_version": f.policy_version,
+        "fail_closed_cause": f.fail_closed_cause,
+        "escalation_id": f.escalation_id,
+        "request_id": f.request_id,
+        "would_deny": f.would_deny,
+        "fail_mode": f.fail_mode,
+        "trace_id": f.trace_id,
+        "detail": f.detail,
+    })
+}
