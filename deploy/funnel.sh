@@ -11,7 +11,10 @@
 #   * traffic of the exempt UIDs/GIDs     -> passes untouched (the sidecars dial
 #                                            the real upstreams / the PDP)
 #   * traffic to this namespace's own
-#     addresses (loopback, pod IP)        -> passes
+#     addresses (loopback, pod IP)        -> passes, except DNS (port 53 is
+#                                            redirected even to a local resolver
+#                                            such as Docker's 127.0.0.11) and
+#                                            the --deny-local addresses
 #   * replies on connections accepted
 #     from outside (established/related)  -> pass
 #   * everything else                     -> DROPPED: other UDP (incl. QUIC on
@@ -59,6 +62,11 @@ Options (each also settable through the environment variable shown):
   --dns-port N             SECUREOPS_FUNNEL_DNS_PORT  (default: 7453)
   --exempt-uid N[,N..]     SECUREOPS_FUNNEL_EXEMPT_UID (default: 1337; repeatable)
   --exempt-gid N[,N..]     SECUREOPS_FUNNEL_EXEMPT_GID (default: none; repeatable)
+  --deny-local ADDR[,..]   SECUREOPS_FUNNEL_DENY_LOCAL (default: none; repeatable)
+                           local addresses/CIDRs the workload may not reach
+                           even though they are local, e.g. 127.0.0.11 (Docker's
+                           embedded resolver, whose TCP/UDP ports are random and
+                           would otherwise be a DNS path around the sinkhole)
   --ipv6 drop|redirect     SECUREOPS_FUNNEL_IPV6      (default: drop)
                            drop: all IPv6 except loopback/local and exempt
                            traffic is dropped. redirect: IPv6 TCP and DNS are
@@ -82,9 +90,11 @@ DNS_PORT=${SECUREOPS_FUNNEL_DNS_PORT:-7453}
 EXEMPT_UIDS=${SECUREOPS_FUNNEL_EXEMPT_UID:-1337}
 EXEMPT_GIDS=${SECUREOPS_FUNNEL_EXEMPT_GID:-}
 IPV6=${SECUREOPS_FUNNEL_IPV6:-drop}
+DENY_LOCAL=${SECUREOPS_FUNNEL_DENY_LOCAL:-}
 CMD=
 uid_flag_seen=0
 gid_flag_seen=0
+deny_flag_seen=0
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -103,6 +113,9 @@ while [ $# -gt 0 ]; do
         --exempt-gid|--exempt-gid=*)
             if [ "$1" = --exempt-gid ]; then [ $# -ge 2 ] || die "$1 needs a value"; v=$2; shift; else v=${1#*=}; fi
             if [ $gid_flag_seen = 0 ]; then EXEMPT_GIDS=$v; gid_flag_seen=1; else EXEMPT_GIDS="$EXEMPT_GIDS,$v"; fi ;;
+        --deny-local|--deny-local=*)
+            if [ "$1" = --deny-local ]; then [ $# -ge 2 ] || die "$1 needs a value"; v=$2; shift; else v=${1#*=}; fi
+            if [ $deny_flag_seen = 0 ]; then DENY_LOCAL=$v; deny_flag_seen=1; else DENY_LOCAL="$DENY_LOCAL,$v"; fi ;;
         --ipv6) [ $# -ge 2 ] || die "$1 needs a value"; IPV6=$2; shift ;;
         --ipv6=*) IPV6=${1#*=} ;;
         -h|--help) usage; exit 0 ;;
@@ -125,6 +138,8 @@ is_port "$DNS_PORT" || die "invalid --dns-port: $DNS_PORT"
 [ "$PROXY_PORT" != "$DNS_PORT" ] || die "--proxy-port and --dns-port must differ"
 is_id_list "$EXEMPT_UIDS" || die "invalid --exempt-uid: '$EXEMPT_UIDS' (numeric, comma separated)"
 [ -z "$EXEMPT_GIDS" ] || is_id_list "$EXEMPT_GIDS" || die "invalid --exempt-gid: '$EXEMPT_GIDS'"
+case "$DENY_LOCAL" in *[!0-9a-fA-F.:/,]*) die "invalid --deny-local: '$DENY_LOCAL' (IP or CIDR list)" ;; esac
+case ",$DENY_LOCAL," in *,,*) [ -z "$DENY_LOCAL" ] || die "invalid --deny-local: '$DENY_LOCAL'" ;; esac
 case "$IPV6" in drop|redirect) ;; *) die "invalid --ipv6: $IPV6 (drop|redirect)" ;; esac
 case "$BACKEND" in nft|nftables) BACKEND=nft ;; iptables) ;; *) die "invalid --backend: $BACKEND (nft|iptables)" ;; esac
 
@@ -147,30 +162,38 @@ nft_ruleset() {
     echo "delete table inet $TABLE"
     echo "table inet $TABLE {"
     echo "    chain funnel_nat {"
-    echo "        type nat hook output priority -100; policy accept;"
+    # -110: before any other dstnat chain (-100), e.g. Docker's DNAT of
+    # 127.0.0.11:53, so that the first NAT binding of a connection is ours.
+    echo "        type nat hook output priority -110; policy accept;"
     echo "        meta skuid $uids return comment \"sidecars dial real upstreams\""
     if [ -n "$EXEMPT_GIDS" ]; then
         echo "        meta skgid $(nft_set "$EXEMPT_GIDS") return"
     fi
-    echo "        fib daddr type local return comment \"loopback and own addresses\""
+    # DNS first: a query to a local resolver goes to the sinkhole as well.
     echo "        meta nfproto ipv4 udp dport 53 redirect to :$DNS_PORT"
     echo "        meta nfproto ipv4 tcp dport 53 redirect to :$DNS_PORT"
-    echo "        meta nfproto ipv4 meta l4proto tcp redirect to :$PROXY_PORT"
     if [ "$IPV6" = redirect ]; then
         echo "        meta nfproto ipv6 udp dport 53 redirect to :$DNS_PORT"
         echo "        meta nfproto ipv6 tcp dport 53 redirect to :$DNS_PORT"
+    fi
+    echo "        fib daddr type local return comment \"loopback and own addresses\""
+    echo "        meta nfproto ipv4 meta l4proto tcp redirect to :$PROXY_PORT"
+    if [ "$IPV6" = redirect ]; then
         echo "        meta nfproto ipv6 meta l4proto tcp redirect to :$PROXY_PORT"
     fi
     echo "    }"
     echo "    chain funnel_out {"
-    # Priority filter (0) runs after the nat hook (-100): a redirected
-    # packet already carries its local destination here. Note that `oif` still
-    # names the original device in the OUTPUT hook, hence `fib daddr type local`.
+    # Priority 0 runs after the nat chain: a redirected packet already carries
+    # its local destination here. `oif` still names the original device in the
+    # OUTPUT hook (routing is redone after NAT), hence `fib daddr type local`.
     echo "        type filter hook output priority 0; policy drop;"
     echo "        meta skuid $uids accept"
     if [ -n "$EXEMPT_GIDS" ]; then
         echo "        meta skgid $(nft_set "$EXEMPT_GIDS") accept"
     fi
+    for a in $(echo "$DENY_LOCAL" | tr ',' ' '); do
+        case "$a" in *:*) echo "        ip6 daddr $a drop" ;; *) echo "        ip daddr $a drop" ;; esac
+    done
     echo "        fib daddr type local accept comment \"loopback, own addresses, redirected\""
     echo "        ct state established,related accept comment \"replies to accepted inbound connections\""
     echo "        counter drop comment \"secureops funnel: not proxied\""
@@ -214,10 +237,12 @@ ipt_install_family() {
     for g in $(ipt_each_id "$EXEMPT_GIDS"); do
         "$ipt" -w -t nat -A $NAT_CHAIN -m owner --gid-owner "$g" -j RETURN
     done
-    "$ipt" -w -t nat -A $NAT_CHAIN -m addrtype --dst-type LOCAL -j RETURN
     if [ "$fam" = 4 ] || [ "$IPV6" = redirect ]; then
         "$ipt" -w -t nat -A $NAT_CHAIN -p udp --dport 53 -j REDIRECT --to-ports "$DNS_PORT"
         "$ipt" -w -t nat -A $NAT_CHAIN -p tcp --dport 53 -j REDIRECT --to-ports "$DNS_PORT"
+    fi
+    "$ipt" -w -t nat -A $NAT_CHAIN -m addrtype --dst-type LOCAL -j RETURN
+    if [ "$fam" = 4 ] || [ "$IPV6" = redirect ]; then
         "$ipt" -w -t nat -A $NAT_CHAIN -p tcp -j REDIRECT --to-ports "$PROXY_PORT"
     fi
     # filter: accept what may pass, drop the rest.
@@ -227,8 +252,17 @@ ipt_install_family() {
     for g in $(ipt_each_id "$EXEMPT_GIDS"); do
         "$ipt" -w -t filter -A $OUT_CHAIN -m owner --gid-owner "$g" -j ACCEPT
     done
-    "$ipt" -w -t filter -A $OUT_CHAIN -m addrtype --dst-type LOCAL -j ACCEPT
+    for a in $(echo "$DENY_LOCAL" | tr ',' ' '); do
+        case "$a" in
+            *:*) afam=6 ;;
+            *) afam=4 ;;
+        esac
+        if [ "$afam" = "$fam" ]; then
+            "$ipt" -w -t filter -A $OUT_CHAIN -d "$a" -j DROP
+        fi
+    done
     "$ipt" -w -t filter -A $OUT_CHAIN -m conntrack --ctstate DNAT -j ACCEPT
+    "$ipt" -w -t filter -A $OUT_CHAIN -m addrtype --dst-type LOCAL -j ACCEPT
     "$ipt" -w -t filter -A $OUT_CHAIN -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
     "$ipt" -w -t filter -A $OUT_CHAIN -j DROP
     # Hook the chains first in OUTPUT, once.

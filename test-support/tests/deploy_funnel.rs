@@ -44,6 +44,7 @@ const INET_V6: &str = "2001:db8:5ec::2";
 const PROXY_PORT: u16 = 7481;
 const DNS_PORT: u16 = 7453;
 const EXEMPT_UID: u32 = 1337;
+const LOCAL_RESOLVER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
 const IO_TIMEOUT: Duration = Duration::from_millis(1500);
 
 fn inet_v6() -> Ipv6Addr {
@@ -213,7 +214,9 @@ impl Drop for Server {
 }
 
 /// SO_ORIGINAL_DST (v4) / IP6T_SO_ORIGINAL_DST (v6), as secureops-proxy reads
-/// it on its transparent listener; "-" when the connection was not NATed.
+/// it on its transparent listener; "-" when conntrack has no entry (no NAT
+/// loaded in that namespace). A tracked but not NATed connection reports its
+/// own destination.
 fn original_dst(s: &TcpStream) -> String {
     if let Ok(sin) = getsockopt(s, sockopt::OriginalDst) {
         let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
@@ -396,6 +399,20 @@ impl Lab {
             .run_in(|| UdpSocket::bind((Ipv4Addr::LOCALHOST, DNS_PORT)))
             .unwrap_or_else(|e| panic!("bind sinkhole udp: {e}"));
         servers.push(Server::udp(u, "SINK"));
+        // A local resolver like Docker's 127.0.0.11 (UDP 53 plus a TCP port)
+        // and an ordinary local service the workload may keep using.
+        let u = ws
+            .run_in(|| UdpSocket::bind((LOCAL_RESOLVER, 53)))
+            .unwrap_or_else(|e| panic!("bind local resolver: {e}"));
+        servers.push(Server::udp(u, "LOCALDNS"));
+        for (addr, banner) in [
+            (SocketAddr::from((LOCAL_RESOLVER, 5300)), "LOCALDNS"),
+            (SocketAddr::from((Ipv4Addr::LOCALHOST, 3000)), "LOCALAPP"),
+        ] {
+            let l = ws.run_in(move || TcpListener::bind(addr));
+            let l = l.unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+            servers.push(Server::tcp(l, banner));
+        }
         Lab {
             ws,
             inet,
@@ -457,6 +474,9 @@ impl Lab {
                 dns_udp: udp_query(SocketAddr::new(INET_V4.into(), 53), b"q"),
                 dns_tcp: tcp_banner(SocketAddr::new(INET_V4.into(), 53)),
                 tcp6: tcp_banner(SocketAddr::new(v6.into(), 8080)),
+                local_dns_udp: udp_query(SocketAddr::new(LOCAL_RESOLVER.into(), 53), b"q"),
+                local_dns_tcp: tcp_banner(SocketAddr::new(LOCAL_RESOLVER.into(), 5300)),
+                local_app: tcp_banner(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 3000)),
             };
             udp_send(SocketAddr::new(INET_V4.into(), 9999), b"udp");
             udp_send(SocketAddr::new(INET_V4.into(), 443), &quic_initial());
@@ -489,6 +509,9 @@ struct Probes {
     dns_udp: Option<String>,
     dns_tcp: Option<String>,
     tcp6: Option<String>,
+    local_dns_udp: Option<String>,
+    local_dns_tcp: Option<String>,
+    local_app: Option<String>,
 }
 
 fn delta(before: &[(&'static str, u64)], after: &[(&'static str, u64)], name: &str) -> u64 {
@@ -512,6 +535,21 @@ fn scenario(backend: &str, tag: &str) {
     assert_eq!(p.dns_udp.as_deref(), Some("REALDNS"), "control: UDP 53");
     assert_eq!(p.dns_tcp.as_deref(), Some("REALDNS -"), "control: TCP 53");
     assert_eq!(p.tcp6.as_deref(), Some("REAL6 -"), "control: IPv6 TCP");
+    assert_eq!(
+        p.local_dns_udp.as_deref(),
+        Some("LOCALDNS"),
+        "control: local resolver"
+    );
+    assert_eq!(
+        p.local_dns_tcp.as_deref(),
+        Some("LOCALDNS -"),
+        "control: local resolver TCP"
+    );
+    assert_eq!(
+        p.local_app.as_deref(),
+        Some("LOCALAPP -"),
+        "control: local service"
+    );
     for (name, _) in COUNTERS {
         assert!(
             delta(&c0, &c1, name) >= 1,
@@ -520,8 +558,9 @@ fn scenario(backend: &str, tag: &str) {
     }
 
     // 2. Funnel installed (twice: install is idempotent).
-    lab.funnel_ok(&["install", &backend_flag]);
-    lab.funnel_ok(&["install", &backend_flag]);
+    let deny_local = format!("--deny-local={LOCAL_RESOLVER}");
+    lab.funnel_ok(&["install", &backend_flag, &deny_local]);
+    lab.funnel_ok(&["install", &backend_flag, &deny_local]);
     let p = lab.probe_all();
     let c2 = lab.settled_counters();
     assert_eq!(
@@ -540,6 +579,20 @@ fn scenario(backend: &str, tag: &str) {
         "TCP 53 must reach the sinkhole"
     );
     assert_eq!(p.tcp6, None, "IPv6 TCP must be dropped by default");
+    assert_eq!(
+        p.local_dns_udp.as_deref(),
+        Some("SINK"),
+        "DNS to a local resolver must reach the sinkhole, not the resolver"
+    );
+    assert_eq!(
+        p.local_dns_tcp, None,
+        "--deny-local address must be unreachable"
+    );
+    assert_eq!(
+        p.local_app.as_deref(),
+        Some("LOCALAPP 127.0.0.1:3000"),
+        "local services stay reachable, not redirected"
+    );
     for (name, _) in COUNTERS {
         assert_eq!(
             delta(&c1, &c2, name),
@@ -622,6 +675,8 @@ fn deploy_funnel_rejects_bad_options() {
         vec!["print", "--exempt-uid", "13a7"],
         vec!["print", "--exempt-uid", ""],
         vec!["print", "--ipv6", "allow"],
+        vec!["print", "--deny-local", "127.0.0.1;true"],
+        vec!["print", "--deny-local", "1.2.3.4,,5.6.7.8"],
         vec!["print", "--backend", "pf"],
         vec!["frobnicate"],
     ] {
