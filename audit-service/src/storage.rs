@@ -377,6 +377,7 @@ pub struct LogWriter {
     dedupe: DedupeIndex,
     buf: Vec<u8>,
     pending_leaves: Vec<(Hash, u64)>,
+    segment_target: u64,
 }
 
 /// Nanoseconds since the Unix epoch.
@@ -653,8 +654,15 @@ impl LogWriter {
             dedupe,
             buf: Vec::with_capacity(1 << 20),
             pending_leaves: Vec::new(),
+            segment_target: SEGMENT_TARGET_BYTES,
         };
         Ok((w, shared, rec))
+    }
+
+    /// Sets the size at which a new segment is begun (default
+    /// [`SEGMENT_TARGET_BYTES`]); small values exercise rotation in tests.
+    pub fn set_segment_target(&mut self, bytes: u64) {
+        self.segment_target = bytes.max(SEGMENT_HEADER_LEN as u64 + 1);
     }
 
     /// Entries appended (durable after the last `append_batch`).
@@ -678,7 +686,7 @@ impl LogWriter {
     where
         I: IntoIterator<Item = (&'a str, u64, &'a AuditFinding)>,
     {
-        if self.cur_len >= SEGMENT_TARGET_BYTES {
+        if self.cur_len >= self.segment_target {
             self.rotate()?;
         }
         let time = now_unix_nanos().max(self.last_time);
