@@ -45,6 +45,13 @@ pub struct DevArgs {
     /// Directory holding the service binaries (default: next to `secureops`).
     #[arg(long, env = "SECUREOPS_BIN_DIR")]
     pub bin_dir: Option<PathBuf>,
+    /// Resolve HOST to IP in the proxy (repeatable; HOST=IP), for air-gapped
+    /// hosts and local test services.
+    #[arg(long = "resolve")]
+    pub resolve: Vec<String>,
+    /// Hide the services' logs.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 /// Where the stack's listeners ended up.
@@ -494,11 +501,24 @@ pub async fn dev(a: DevArgs) -> Result<u8> {
         proxy_listen: lo(7480),
         transparent_listen: Some(lo(7481)),
         dns_listen: lo(7453),
-        resolve: Vec::new(),
-        show_logs: true,
+        resolve: a.resolve.clone(),
+        show_logs: !a.quiet,
     };
     let mut stack = Stack::start(&cfg).await?;
     let ad = &stack.addrs;
+    // Machine-readable addresses for scripts and tests.
+    for (name, addr) in [
+        ("pdp", ad.pdp),
+        ("admin", ad.admin),
+        ("audit", ad.audit),
+        ("proxy", ad.proxy),
+        ("transparent", ad.transparent),
+        ("dns", ad.dns),
+    ] {
+        if let Some(addr) = addr {
+            secureops_pep::telemetry::announce_listener(name, addr);
+        }
+    }
     let show = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
     println!();
     println!(
