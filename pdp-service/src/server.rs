@@ -188,13 +188,38 @@ fn relevant(inv: &Invalidation, workload: &str) -> bool {
     workload.is_empty() || inv.workload_id.is_empty() || inv.workload_id == workload
 }
 
-/// W3C trace id from a `traceparent` header (`00-<trace>-<span>-<flags>`).
-fn trace_id<T>(req: &Request<T>) -> Option<String> {
-    let tp = req.metadata().get("traceparent")?.to_str().ok()?;
-    let mut parts = tp.split('-');
-    let _version = parts.next()?;
-    let trace = parts.next()?;
-    (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit())).then(|| trace.to_owned())
+/// Reads W3C trace-context headers (`traceparent`, `tracestate`) from gRPC
+/// metadata for the OpenTelemetry propagator.
+struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
+
+impl opentelemetry::propagation::Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// A span continuing the caller's trace when the request carries a
+/// `traceparent`; `None` otherwise (keeps the untraced hot path free of span
+/// overhead).
+fn traced_span<T>(req: &Request<T>, name: &'static str) -> Option<tracing::Span> {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    req.metadata().get("traceparent")?;
+    let cx = opentelemetry::global::get_text_map_propagator(|p| {
+        p.extract(&MetadataExtractor(req.metadata()))
+    });
+    let span = tracing::info_span!("pdp", rpc = name);
+    // Err only when no OpenTelemetry layer is installed: nothing to link.
+    let _ = span.set_parent(cx);
+    Some(span)
 }
 
 #[tonic::async_trait]
@@ -204,13 +229,10 @@ impl PolicyDecision for DecisionService {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let start = Instant::now();
-        let trace = trace_id(&request);
+        let span = traced_span(&request, "Check");
         let r = request.into_inner();
-        let out = match trace {
-            Some(t) => {
-                let span = tracing::debug_span!("check", trace_id = %t);
-                span.in_scope(|| self.decide(&r))
-            }
+        let out = match span {
+            Some(span) => span.in_scope(|| self.decide(&r)),
             None => self.decide(&r),
         };
         self.pdp
@@ -427,5 +449,98 @@ impl ProcessContext for ContextService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::ContextConfig;
+    use crate::escalation::EscalationConfig;
+    use crate::metrics::Metrics;
+    use futures::StreamExt;
+    use secureops_proto::v1::invalidation::Kind;
+
+    fn pdp(dir: &std::path::Path) -> Arc<Pdp> {
+        let (m, _) = Metrics::new();
+        match Pdp::open(
+            dir,
+            None,
+            ContextConfig::default(),
+            EscalationConfig::default(),
+            m,
+        ) {
+            Ok(p) => Arc::new(p),
+            Err(e) => panic!("open: {e}"),
+        }
+    }
+
+    /// A subscriber that stops reading gets its stream closed with
+    /// DATA_LOSS instead of silently missing invalidations.
+    #[tokio::test]
+    async fn lagging_watch_subscriber_is_disconnected() -> Result<(), Box<dyn std::error::Error>> {
+        let d = tempfile::tempdir()?;
+        let pdp = pdp(d.path());
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let svc = DecisionService::new(Arc::clone(&pdp), Arc::new(Limits::default()), stop_rx);
+        let mut s = svc
+            .watch(Request::new(WatchRequest::default()))
+            .await?
+            .into_inner();
+        let first = s.next().await.ok_or("no hello")??;
+        assert_eq!(first.kind, Kind::Hello as i32);
+        for _ in 0..(crate::state::BUS_CAPACITY + 200) {
+            pdp.publish(Invalidation {
+                kind: Kind::ContextChanged as i32,
+                ..Invalidation::default()
+            });
+        }
+        let mut delivered = 0;
+        let status = loop {
+            match tokio::time::timeout(std::time::Duration::from_secs(5), s.next()).await? {
+                Some(Ok(_)) => delivered += 1,
+                Some(Err(st)) => break st,
+                None => return Err("stream ended without an error".into()),
+            }
+        };
+        assert_eq!(status.code(), tonic::Code::DataLoss);
+        assert!(delivered < crate::state::BUS_CAPACITY + 200);
+        assert!(s.next().await.is_none(), "closed after the error");
+        assert_eq!(pdp.metrics.watch_lagged.get(), 1);
+        // The forwarding task ended and the gauge is back to 0.
+        for _ in 0..100 {
+            if pdp.metrics.watch_subscribers.get() == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(pdp.metrics.watch_subscribers.get(), 0);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn watch_filters_by_workload() -> Result<(), Box<dyn std::error::Error>> {
+        let d = tempfile::tempdir()?;
+        let pdp = pdp(d.path());
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let svc = DecisionService::new(Arc::clone(&pdp), Arc::new(Limits::default()), stop_rx);
+        let mut s = svc
+            .watch(Request::new(WatchRequest {
+                pep_id: "p".into(),
+                workload_id: "a".into(),
+            }))
+            .await?
+            .into_inner();
+        assert_eq!(s.next().await.ok_or("hello")??.kind, Kind::Hello as i32);
+        for w in ["b", "a", ""] {
+            pdp.publish(Invalidation {
+                kind: Kind::WorkloadTainted as i32,
+                workload_id: w.into(),
+                ..Invalidation::default()
+            });
+        }
+        assert_eq!(s.next().await.ok_or("a")??.workload_id, "a");
+        assert_eq!(s.next().await.ok_or("global")??.workload_id, "");
+        Ok(())
     }
 }

@@ -795,3 +795,147 @@ async fn bad_input_gets_a_clear_status_never_an_allow() {
     );
     assert!(!m.contains("decision=\"allow\",rule=\"\""));
 }
+
+fn heartbeat(workload: &str, seq: u64, interval_ms: u32) -> secureops_proto::v1::ProcessEvent {
+    secureops_proto::v1::ProcessEvent {
+        workload_id: workload.into(),
+        sensor_id: "s".into(),
+        seq,
+        timestamp_unix_nanos: now_nanos(),
+        event: Some(secureops_proto::v1::process_event::Event::Heartbeat(
+            secureops_proto::v1::Heartbeat { interval_ms },
+        )),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sensor_fails_closed_and_invalidates() {
+    let d = data_dir();
+    let policy = format!("require_sensor: true\n{POLICY}");
+    let pdp = spawn_with_policy(d.path(), &policy);
+    let mut c = pdp.decision().await;
+    let mut w = c
+        .watch(WatchRequest {
+            pep_id: "t".into(),
+            workload_id: "w".into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    assert_eq!(next(&mut w).await.kind, Kind::Hello as i32);
+
+    let r = check(&mut c, req("w", "github.com", 443)).await;
+    assert_eq!(r.decision, Verdict::Deny as i32);
+    assert_eq!(r.reason, "fail_closed:sensor_unavailable");
+
+    let mut ctx = pdp.context().await;
+    let s = ctx
+        .report(tokio_stream::iter(vec![heartbeat("w", 1, 200)]))
+        .await
+        .expect("report")
+        .into_inner();
+    assert_eq!(s.accepted, 1);
+    // Sensor came alive: caches holding the fail-closed deny are flushed.
+    let m = next(&mut w).await;
+    assert_eq!(
+        (m.kind, m.workload_id.as_str()),
+        (Kind::ContextChanged as i32, "w")
+    );
+    let r = check(&mut c, req("w", "github.com", 443)).await;
+    assert!(allow(&r), "{r:?}");
+    assert!(r.context_dependent);
+
+    // Silent for more than 3 intervals: denied again, and PEPs are told.
+    let m = next(&mut w).await;
+    assert_eq!(
+        (m.kind, m.workload_id.as_str()),
+        (Kind::ContextChanged as i32, "w")
+    );
+    let r = check(&mut c, req("w", "github.com", 443)).await;
+    assert_eq!(r.reason, "fail_closed:sensor_unavailable", "{r:?}");
+
+    // A bad heartbeat is rejected and counted.
+    let s = ctx
+        .report(tokio_stream::iter(vec![heartbeat("w", 2, 0)]))
+        .await
+        .expect("report")
+        .into_inner();
+    assert_eq!((s.accepted, s.rejected), (0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_answer_lets_an_ip_only_connection_through() {
+    let d = data_dir();
+    let pdp = spawn_with_policy(d.path(), POLICY);
+    let mut c = pdp.decision().await;
+    let ip_only = || {
+        let mut r = req("w", "", 443);
+        r.host_source = HostSource::OriginalDst as i32;
+        if let Some(d) = r.destination.as_mut() {
+            d.ip = "140.82.112.3".into();
+        }
+        r
+    };
+    let r = check(&mut c, ip_only()).await;
+    assert_eq!(r.decision, Verdict::Deny as i32, "{r:?}");
+
+    let mut w = c
+        .watch(WatchRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    assert_eq!(next(&mut w).await.kind, Kind::Hello as i32);
+    let mut ctx = pdp.context().await;
+    let dns = |workload: &str, name: &str| secureops_proto::v1::ProcessEvent {
+        workload_id: workload.into(),
+        sensor_id: "dns".into(),
+        seq: 1,
+        timestamp_unix_nanos: 0,
+        event: Some(secureops_proto::v1::process_event::Event::DnsAnswer(
+            secureops_proto::v1::DnsAnswer {
+                name: name.into(),
+                ips: vec!["140.82.112.3".into()],
+                ttl_seconds: 60,
+            },
+        )),
+    };
+    let s = ctx
+        .report(tokio_stream::iter(vec![
+            dns("other", "github.com"),
+            dns("w", "evil.example"),
+            dns("w", "GitHub.com."),
+        ]))
+        .await
+        .expect("report")
+        .into_inner();
+    assert_eq!(s.accepted, 3);
+    let m = next(&mut w).await;
+    assert_eq!(m.kind, Kind::ContextChanged as i32);
+    let r = check(&mut c, ip_only()).await;
+    assert!(allow(&r), "{r:?}");
+    assert!(r.reason.contains("github.com"), "{r:?}");
+    // DNS context is per workload: one that never got the answer is denied.
+    let mut r3 = ip_only();
+    r3.workload_id = "third".into();
+    assert_eq!(check(&mut c, r3).await.decision, Verdict::Deny as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_open_watch_exits_gracefully() {
+    let d = data_dir();
+    let mut pdp = spawn_with_policy(d.path(), POLICY);
+    let mut c = pdp.decision().await;
+    let mut w = c
+        .watch(WatchRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    assert_eq!(next(&mut w).await.kind, Kind::Hello as i32);
+    let t = Instant::now();
+    let st = pdp.svc.terminate(Duration::from_secs(10));
+    assert!(st.is_some_and(|s| s.success()), "{st:?}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // The watcher learns the stream is gone (and would flush its cache).
+    let end = tokio::time::timeout(Duration::from_secs(5), w.message()).await;
+    assert!(matches!(end, Ok(Err(_)) | Ok(Ok(None))), "{end:?}");
+}

@@ -99,9 +99,10 @@ pub fn spawn_with_policy(dir: &Path, policy: &str) -> Pdp {
     spawn_in(dir, &["--policy", &p.display().to_string()])
 }
 
-pub type Admin = PolicyAdminClient<
-    InterceptedService<Channel, Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>>,
->;
+/// Client-side interceptor adding the bearer token.
+pub type AuthFn = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
+
+pub type Admin = PolicyAdminClient<InterceptedService<Channel, AuthFn>>;
 
 impl Pdp {
     pub async fn decision(&self) -> PolicyDecisionClient<Channel> {
@@ -123,14 +124,13 @@ impl Pdp {
             .await
             .expect("connect admin");
         let header = token.map(|t| format!("Bearer {t}"));
-        let f: Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send> =
-            Box::new(move |mut req: Request<()>| {
-                if let Some(h) = &header {
-                    req.metadata_mut()
-                        .insert("authorization", h.parse().expect("ascii header"));
-                }
-                Ok(req)
-            });
+        let f: AuthFn = Box::new(move |mut req: Request<()>| {
+            if let Some(h) = &header {
+                req.metadata_mut()
+                    .insert("authorization", h.parse().expect("ascii header"));
+            }
+            Ok(req)
+        });
         PolicyAdminClient::with_interceptor(ch, f)
     }
 
