@@ -1,0 +1,393 @@
+//! A lean forwarder for allowed queries.
+//!
+//! Why not hickory-resolver's forwarder: it is a full stub resolver (its own
+//! cache, connection pool with per-request stream setup, retries across name
+//! servers with backoff) and is reported to lose queries under `dnsperf`
+//! load. What a sinkhole needs is narrower: send one question to the
+//! configured upstream, match the answer by (id, question), time out,
+//! retry on the next upstream, and fall back to TCP when the UDP answer is
+//! truncated. That fits in one file and has no shared per-request state but a
+//! pending-id table, so it does not lose queries under load.
+//!
+//! Every upstream gets a small pool of connected UDP sockets (the kernel
+//! drops datagrams from any other source), each with a receive task that
+//! dispatches answers to waiting queries by message id; an answer whose
+//! question does not match the one asked is ignored (spoofing / stale
+//! answers). Ids are random per query.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::oneshot;
+
+/// Why forwarding failed; the caller answers SERVFAIL (the name was allowed,
+/// the upstream is broken) and audits nothing extra.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("no upstream configured")]
+    NoUpstream,
+    #[error("upstream {0} timed out")]
+    Timeout(SocketAddr),
+    #[error("upstream {addr}: {source}")]
+    Io {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("upstream {0} sent a malformed answer")]
+    BadAnswer(SocketAddr),
+    #[error("too many queries in flight to {0}")]
+    Overloaded(SocketAddr),
+}
+
+/// Tuning.
+#[derive(Debug, Clone)]
+pub struct ForwarderConfig {
+    pub upstreams: Vec<SocketAddr>,
+    /// Per-attempt timeout (one upstream, UDP or TCP).
+    pub timeout: Duration,
+    /// Connected UDP sockets per upstream.
+    pub sockets_per_upstream: usize,
+    /// EDNS payload size we advertise upstream.
+    pub edns_payload: u16,
+}
+
+impl Default for ForwarderConfig {
+    fn default() -> Self {
+        ForwarderConfig {
+            upstreams: Vec::new(),
+            timeout: Duration::from_millis(1500),
+            sockets_per_upstream: 4,
+            edns_payload: 1232,
+        }
+    }
+}
+
+struct Pending {
+    tx: oneshot::Sender<Vec<u8>>,
+    /// Lowercased wire form of the question we asked.
+    question: Vec<u8>,
+}
+
+struct UdpChannel {
+    socket: Arc<UdpSocket>,
+    pending: Mutex<(HashMap<u16, Pending>, u64)>,
+}
+
+struct Upstream {
+    addr: SocketAddr,
+    channels: Vec<Arc<UdpChannel>>,
+    rr: AtomicUsize,
+}
+
+/// See the module documentation.
+pub struct Forwarder {
+    upstreams: Vec<Upstream>,
+    cfg: ForwarderConfig,
+    start: AtomicUsize,
+    /// Queries sent upstream (UDP + TCP), for metrics and tests.
+    pub sent: AtomicU64,
+}
+
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarder")
+            .field("upstreams", &self.cfg.upstreams)
+            .finish()
+    }
+}
+
+const MAX_PENDING: usize = 50_000;
+
+fn lower_question(q: &[u8]) -> Vec<u8> {
+    q.iter().map(u8::to_ascii_lowercase).collect()
+}
+
+/// Byte length of the first question of a wire message (name + type +
+/// class), or `None` if it does not parse (compression pointers are refused:
+/// the first name of a message has nothing to point back to).
+fn question_span(msg: &[u8]) -> Option<std::ops::Range<usize>> {
+    let mut i = 12usize;
+    loop {
+        let len = usize::from(*msg.get(i)?);
+        if len == 0 {
+            i += 1;
+            break;
+        }
+        if len & 0xC0 != 0 {
+            return None;
+        }
+        i += 1 + len;
+    }
+    let end = i.checked_add(4)?;
+    (end <= msg.len()).then_some(12..end)
+}
+
+/// Build the upstream query: header (random id, RD), the client's question,
+/// and an OPT record advertising `payload` with the client's DO bit.
+fn build_query(id: u16, question: &[u8], payload: u16, dnssec_ok: bool) -> Vec<u8> {
+    let mut q = Vec::with_capacity(12 + question.len() + 11);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00]); // RD
+    q.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 1]); // QD=1 AN=0 NS=0 AR=1
+    q.extend_from_slice(question);
+    q.push(0); // root owner
+    q.extend_from_slice(&41u16.to_be_bytes()); // OPT
+    q.extend_from_slice(&payload.to_be_bytes());
+    q.extend_from_slice(&[0, 0]); // extended rcode, version
+    q.extend_from_slice(&(if dnssec_ok { 0x8000u16 } else { 0 }).to_be_bytes());
+    q.extend_from_slice(&[0, 0]); // rdlen
+    q
+}
+
+fn answer_matches(answer: &[u8], question: &[u8]) -> bool {
+    match question_span(answer) {
+        Some(span) => {
+            let got = &answer[span];
+            got.len() == question.len()
+                && got
+                    .iter()
+                    .zip(question)
+                    .all(|(a, b)| a.to_ascii_lowercase() == *b)
+        }
+        None => false,
+    }
+}
+
+impl UdpChannel {
+    fn register(&self, question: &[u8]) -> Result<(u16, oneshot::Receiver<Vec<u8>>), ()> {
+        let (tx, rx) = oneshot::channel();
+        let mut guard = self.pending.lock();
+        let (map, rng) = &mut *guard;
+        if map.len() >= MAX_PENDING {
+            return Err(());
+        }
+        loop {
+            // xorshift64*: ids need to be unpredictable to an off-path
+            // spoofer, not cryptographic (the question is matched too).
+            *rng ^= *rng >> 12;
+            *rng ^= *rng << 25;
+            *rng ^= *rng >> 27;
+            let id = (rng.wrapping_mul(0x2545F4914F6CDD1D) >> 48) as u16;
+            if let std::collections::hash_map::Entry::Vacant(v) = map.entry(id) {
+                v.insert(Pending {
+                    tx,
+                    question: question.to_vec(),
+                });
+                return Ok((id, rx));
+            }
+        }
+    }
+
+    fn cancel(&self, id: u16) {
+        self.pending.lock().0.remove(&id);
+    }
+
+    async fn recv_loop(self: Arc<Self>) {
+        let mut buf = vec![0u8; 65535];
+        loop {
+            let n = match self.socket.recv(&mut buf).await {
+                Ok(n) => n,
+                // ECONNREFUSED from an ICMP unreachable and friends: the
+                // waiting query times out and moves to the next upstream.
+                Err(e) => {
+                    tracing::debug!(error = %e, "upstream udp recv");
+                    continue;
+                }
+            };
+            let msg = &buf[..n];
+            if n < 12 || msg[2] & 0x80 == 0 {
+                continue; // not a response
+            }
+            let id = u16::from_be_bytes([msg[0], msg[1]]);
+            let mut guard = self.pending.lock();
+            let matches = guard
+                .0
+                .get(&id)
+                .is_some_and(|p| answer_matches(msg, &p.question));
+            if matches && let Some(p) = guard.0.remove(&id) {
+                drop(guard);
+                let _ = p.tx.send(msg.to_vec());
+            }
+        }
+    }
+}
+
+impl Forwarder {
+    /// Bind the upstream sockets and start their receive tasks (needs a
+    /// tokio runtime).
+    pub async fn new(cfg: ForwarderConfig) -> io::Result<Arc<Self>> {
+        let seed = RandomState::new().hash_one(std::process::id());
+        let mut upstreams = Vec::new();
+        for (ui, &addr) in cfg.upstreams.iter().enumerate() {
+            let mut channels = Vec::new();
+            for ci in 0..cfg.sockets_per_upstream.max(1) {
+                let domain = socket2::Domain::for_address(addr);
+                let s = socket2::Socket::new(domain, socket2::Type::DGRAM, None)?;
+                // Generous receive buffer: bursts of answers must not be
+                // dropped by the kernel before the receive task runs.
+                let _ = s.set_recv_buffer_size(4 << 20);
+                s.set_nonblocking(true)?;
+                let bind: SocketAddr = if addr.is_ipv4() {
+                    "0.0.0.0:0".parse().map_err(io::Error::other)?
+                } else {
+                    "[::]:0".parse().map_err(io::Error::other)?
+                };
+                s.bind(&bind.into())?;
+                s.connect(&addr.into())?;
+                let socket = UdpSocket::from_std(s.into())?;
+                let ch = Arc::new(UdpChannel {
+                    socket: Arc::new(socket),
+                    pending: Mutex::new((
+                        HashMap::new(),
+                        seed ^ ((ui as u64) << 32)
+                            ^ (ci as u64 + 1).wrapping_mul(0x9E3779B97F4A7C15)
+                            | 1,
+                    )),
+                });
+                tokio::spawn(ch.clone().recv_loop());
+                channels.push(ch);
+            }
+            upstreams.push(Upstream {
+                addr,
+                channels,
+                rr: AtomicUsize::new(0),
+            });
+        }
+        Ok(Arc::new(Forwarder {
+            upstreams,
+            cfg,
+            start: AtomicUsize::new(0),
+            sent: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn has_upstreams(&self) -> bool {
+        !self.upstreams.is_empty()
+    }
+
+    /// Ask the upstreams `question` (wire form of one question: name, type,
+    /// class). Tries each upstream once, starting round-robin; a truncated
+    /// UDP answer is retried over TCP on the same upstream. Returns the raw
+    /// answer (its id is the upstream id, not the client's).
+    pub async fn forward(&self, question: &[u8], dnssec_ok: bool) -> Result<Vec<u8>, ForwardError> {
+        if self.upstreams.is_empty() {
+            return Err(ForwardError::NoUpstream);
+        }
+        let question = lower_question(question);
+        let first = self.start.fetch_add(1, Ordering::Relaxed);
+        let mut last_err = ForwardError::NoUpstream;
+        for k in 0..self.upstreams.len() {
+            let up = &self.upstreams[(first + k) % self.upstreams.len()];
+            match self.ask_udp(up, &question, dnssec_ok).await {
+                Ok(answer) if answer[2] & 0x02 != 0 => {
+                    match self.ask_tcp(up.addr, &question, dnssec_ok).await {
+                        Ok(a) => return Ok(a),
+                        Err(e) => last_err = e,
+                    }
+                }
+                Ok(answer) => return Ok(answer),
+                Err(e) => last_err = e,
+            }
+            tracing::debug!(upstream = %up.addr, error = %last_err, "upstream attempt failed");
+        }
+        Err(last_err)
+    }
+
+    async fn ask_udp(
+        &self,
+        up: &Upstream,
+        question: &[u8],
+        dnssec_ok: bool,
+    ) -> Result<Vec<u8>, ForwardError> {
+        let ch = &up.channels[up.rr.fetch_add(1, Ordering::Relaxed) % up.channels.len()];
+        let (id, rx) = ch
+            .register(question)
+            .map_err(|()| ForwardError::Overloaded(up.addr))?;
+        let query = build_query(id, question, self.cfg.edns_payload, dnssec_ok);
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        if let Err(source) = ch.socket.send(&query).await {
+            ch.cancel(id);
+            return Err(ForwardError::Io {
+                addr: up.addr,
+                source,
+            });
+        }
+        match tokio::time::timeout(self.cfg.timeout, rx).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err(ForwardError::BadAnswer(up.addr)),
+            Err(_) => {
+                ch.cancel(id);
+                Err(ForwardError::Timeout(up.addr))
+            }
+        }
+    }
+
+    async fn ask_tcp(
+        &self,
+        addr: SocketAddr,
+        question: &[u8],
+        dnssec_ok: bool,
+    ) -> Result<Vec<u8>, ForwardError> {
+        let id = (RandomState::new().hash_one(question) >> 48) as u16;
+        let query = build_query(id, question, self.cfg.edns_payload, dnssec_ok);
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        let io_err = |source| ForwardError::Io { addr, source };
+        let work = async {
+            let mut s = TcpStream::connect(addr).await.map_err(io_err)?;
+            let _ = s.set_nodelay(true);
+            let len = u16::try_from(query.len()).map_err(|_| ForwardError::BadAnswer(addr))?;
+            let mut framed = Vec::with_capacity(query.len() + 2);
+            framed.extend_from_slice(&len.to_be_bytes());
+            framed.extend_from_slice(&query);
+            s.write_all(&framed).await.map_err(io_err)?;
+            let mut lenb = [0u8; 2];
+            s.read_exact(&mut lenb).await.map_err(io_err)?;
+            let n = usize::from(u16::from_be_bytes(lenb));
+            let mut answer = vec![0u8; n];
+            s.read_exact(&mut answer).await.map_err(io_err)?;
+            if n < 12
+                || u16::from_be_bytes([answer[0], answer[1]]) != id
+                || !answer_matches(&answer, question)
+            {
+                return Err(ForwardError::BadAnswer(addr));
+            }
+            Ok(answer)
+        };
+        tokio::time::timeout(self.cfg.timeout, work)
+            .await
+            .map_err(|_| ForwardError::Timeout(addr))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn question_span_and_match() {
+        let q = [3, b'w', b'w', b'w', 1, b'x', 0, 0, 1, 0, 1];
+        let msg = build_query(7, &q, 1232, false);
+        assert_eq!(question_span(&msg), Some(12..23));
+        assert!(answer_matches(&msg, &q));
+        let mut upper = msg.clone();
+        upper[13] = b'W';
+        assert!(answer_matches(&upper, &q));
+        let mut other = msg.clone();
+        other[14] = b'z';
+        assert!(!answer_matches(&other, &q));
+        // Compression pointer / truncated question.
+        assert_eq!(question_span(&[0u8; 12]), None);
+        let mut ptr = vec![0u8; 12];
+        ptr.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1]);
+        assert_eq!(question_span(&ptr), None);
+    }
+}
