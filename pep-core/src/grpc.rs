@@ -270,32 +270,35 @@ impl Service<CheckRequest> for CheckCall {
 }
 
 /// Errors that say "the PDP is not working" and count towards opening the
-/// breaker. An *answer* (PermissionDenied, InvalidArgument, ...) proves the
-/// PDP is alive and does not count; local overload does not either.
+/// breaker: timeouts, transport failures, `Unavailable`, `DeadlineExceeded`
+/// and the statuses a broken server produces (`Unknown`, `Internal`,
+/// `ResourceExhausted`). An *answer* (`PermissionDenied`, `InvalidArgument`,
+/// a malformed response) proves the PDP is alive and does not count; local
+/// overload and an open breaker do not either.
 pub fn counts_as_pdp_failure(e: &BoxError) -> bool {
-    if e.is::<tower::load_shed::error::Overloaded>() || e.is::<BreakerOpen>() {
-        return false;
-    }
-    match e.downcast_ref::<tonic::Status>() {
-        Some(s) => matches!(
-            s.code(),
-            tonic::Code::Unavailable
-                | tonic::Code::DeadlineExceeded
-                | tonic::Code::Unknown
-                | tonic::Code::Internal
-                | tonic::Code::ResourceExhausted
-        ),
-        // transport errors, timeouts, anything unexpected
-        None => true,
-    }
+    matches!(
+        fail_closed_cause(&**e).as_str(),
+        "pdp_timeout"
+            | "pdp_unavailable"
+            | "pdp_error:unknown"
+            | "pdp_error:internal"
+            | "pdp_error:resource_exhausted"
+    )
 }
 
-/// The fail-closed cause of an error of the client stack (walks the source
-/// chain, so wrapped errors are recognised).
+/// The fail-closed cause of an error of the client stack. Walks the whole
+/// source chain: tonic wraps its own client-side deadline
+/// ([`tonic::TimeoutExpired`]) and connection failures in a `Status` whose
+/// code alone would be misleading (`Cancelled`, `Unknown`).
 pub fn fail_closed_cause(err: &(dyn std::error::Error + 'static)) -> String {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    let mut status = None;
+    let mut transport = false;
     while let Some(e) = cur {
-        if e.is::<tower::timeout::error::Elapsed>() || e.is::<tokio::time::error::Elapsed>() {
+        if e.is::<tower::timeout::error::Elapsed>()
+            || e.is::<tokio::time::error::Elapsed>()
+            || e.is::<tonic::TimeoutExpired>()
+        {
             return "pdp_timeout".into();
         }
         if e.is::<BreakerOpen>() {
@@ -307,26 +310,27 @@ pub fn fail_closed_cause(err: &(dyn std::error::Error + 'static)) -> String {
         if e.is::<BadResponse>() {
             return "pdp_bad_response".into();
         }
-        if e.is::<tonic::transport::Error>() {
-            return "pdp_unavailable".into();
+        if e.is::<tonic::ConnectError>()
+            || e.is::<tonic::transport::Error>()
+            || e.is::<std::io::Error>()
+            || e.is::<hyper::Error>()
+        {
+            transport = true;
         }
-        if let Some(s) = e.downcast_ref::<tonic::Status>() {
-            return match s.code() {
-                tonic::Code::DeadlineExceeded => "pdp_timeout".into(),
-                tonic::Code::Unavailable => "pdp_unavailable".into(),
-                // tonic reports some connection failures as Unknown with the
-                // transport error as source: look there first.
-                code => match std::error::Error::source(s) {
-                    Some(src) if fail_closed_cause(src) == "pdp_unavailable" => {
-                        "pdp_unavailable".into()
-                    }
-                    _ => format!("pdp_error:{}", code_name(code)),
-                },
-            };
+        if status.is_none()
+            && let Some(s) = e.downcast_ref::<tonic::Status>()
+        {
+            status = Some(s.code());
         }
         cur = e.source();
     }
-    "pdp_error:unknown".into()
+    match status {
+        Some(tonic::Code::DeadlineExceeded) => "pdp_timeout".into(),
+        Some(tonic::Code::Unavailable) => "pdp_unavailable".into(),
+        _ if transport => "pdp_unavailable".into(),
+        Some(code) => format!("pdp_error:{}", code_name(code)),
+        None => "pdp_error:unknown".into(),
+    }
 }
 
 /// THE mapping of every PDP client error to a decision: `Decision::Deny`,
