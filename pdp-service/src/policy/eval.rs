@@ -308,9 +308,7 @@ fn port_number(t: &str) -> Option<u16> {
 }
 
 fn parse_port_item(node: &Node, path: &str, errs: &mut Errs) -> Option<(u16, u16)> {
-    let Some(s) = scalar_str(node, path, "a port or \"a-b\" range", errs) else {
-        return None;
-    };
+    let s = scalar_str(node, path, "a port or \"a-b\" range", errs)?;
     let port = port_number;
     let range = match s.split_once('-') {
         Some((a, b)) => port(a).zip(port(b)),
