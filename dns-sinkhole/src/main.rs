@@ -51,6 +51,10 @@ struct Args {
     /// (target `secureops_audit`), which is not durable.
     #[arg(long, env = "SECUREOPS_SPOOL_DIR")]
     spool_dir: Option<PathBuf>,
+    /// Unacknowledged records the spool holds before it refuses new ones
+    /// (then every query is sinkholed with `fail_closed:audit_spool`).
+    #[arg(long, env = "SECUREOPS_SPOOL_MAX_RECORDS", default_value_t = 1_000_000)]
+    spool_max_records: u64,
     /// Workload this sinkhole enforces for.
     #[arg(long, env = "SECUREOPS_WORKLOAD", default_value = "default")]
     workload: String,
@@ -181,9 +185,15 @@ async fn run(args: Args, threads: usize) -> anyhow::Result<()> {
     let mut _shipper = None;
     let audit: Arc<dyn AuditSink> = match &args.spool_dir {
         Some(dir) => {
-            let spool =
-                AuditSpool::open_with_metrics(dir, SpoolLimits::default(), pep_metrics.clone())
-                    .with_context(|| format!("opening the audit spool {}", dir.display()))?;
+            let spool = AuditSpool::open_with_metrics(
+                dir,
+                SpoolLimits {
+                    max_records: args.spool_max_records,
+                    ..SpoolLimits::default()
+                },
+                pep_metrics.clone(),
+            )
+            .with_context(|| format!("opening the audit spool {}", dir.display()))?;
             if let Some(endpoint) = &args.audit {
                 let Some(token) = &args.audit_token_file else {
                     bail!("--audit needs --audit-token-file");
