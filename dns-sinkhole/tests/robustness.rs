@@ -189,7 +189,7 @@ fn tunnelling_is_cut_after_the_budget_normal_names_unaffected() {
         }
     }
     assert!(
-        allowed >= 3 && allowed <= 25,
+        (3..=25).contains(&allowed),
         "tunnel allowed {allowed} names"
     );
     assert_eq!(allowed + denied, 60);
