@@ -204,6 +204,11 @@ impl Stack {
             exit_tx,
         };
         let s = |p: &Path| p.display().to_string();
+        // The admin credential: generated once (0600), shown to the operator,
+        // never given to the workload.
+        if !stack.admin_token_file.exists() {
+            write_private(&stack.admin_token_file, &random_token())?;
+        }
 
         let pdp = stack
             .spawn(
