@@ -12,6 +12,7 @@
 //! chose [`FailMode::Open`], which is audited loudly.
 
 mod allowlist;
+pub mod attribution;
 pub mod breaker;
 pub mod cache;
 mod decision;
@@ -28,6 +29,7 @@ pub use decision::{
 };
 pub use secureops_proto::v1::{AuditFinding, HostSource, Transport};
 
+pub use attribution::{AttributionLimits, Attributor, SocketKind};
 pub use breaker::{BreakerConfig, BreakerOpen, BreakerState};
 pub use cache::{CacheConfig, DecisionCache};
 pub use grpc::{GrpcPdp, GrpcPdpConfig, GrpcPdpError, fail_closed_outcome};
