@@ -237,7 +237,12 @@ pub fn read_findings(dir: &Path) -> Result<Vec<FindingJson>> {
         secureops_audit::storage::list_segments(dir).context("listing audit segments")?
     {
         let buf = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let mut pos = 0;
+        if buf.len() < secureops_audit::storage::SEGMENT_HEADER_LEN
+            || &buf[..8] != secureops_audit::storage::SEGMENT_MAGIC
+        {
+            anyhow::bail!("{} is not an audit segment", path.display());
+        }
+        let mut pos = secureops_audit::storage::SEGMENT_HEADER_LEN;
         while let Ok(Some((frame, next))) = secureops_audit::storage::next_frame(&buf, pos) {
             pos = next;
             let Ok(entry) = secureops_audit::encoding::decode_entry(frame) else {
