@@ -10,9 +10,11 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Mutex;
 
-use secureops_pep::AuditFinding;
+use secureops_pep::{AuditFinding, AuditSpool};
 
 /// Why a record could not be taken.
 #[derive(Debug, thiserror::Error)]
@@ -23,12 +25,30 @@ pub enum AuditError {
     Unavailable(String),
 }
 
+/// Future returned by [`AuditSink::record`].
+pub type AuditFuture<'a> = Pin<Box<dyn Future<Output = Result<u64, AuditError>> + Send + 'a>>;
+
 /// A destination for audit records. `record` must be durable-enough for
-/// the sink's purpose when it returns `Ok` (the spool: appended; the JSONL
-/// log: written to the file).
+/// the sink's purpose when it resolves to `Ok` (the spool: `fdatasync`ed;
+/// the JSONL log: written to the file).
 pub trait AuditSink: Send + Sync {
     /// Record one finding; returns its sequence number in this sink.
-    fn record(&self, finding: &AuditFinding) -> Result<u64, AuditError>;
+    fn record<'a>(&'a self, finding: &'a AuditFinding) -> AuditFuture<'a>;
+}
+
+/// pep-core's durable spool (shipped to the audit service by its
+/// `Shipper`): `Ok` only once the record is on disk.
+pub struct SpoolAuditSink(pub AuditSpool);
+
+impl AuditSink for SpoolAuditSink {
+    fn record<'a>(&'a self, finding: &'a AuditFinding) -> AuditFuture<'a> {
+        Box::pin(async move {
+            self.0
+                .record(finding.clone())
+                .await
+                .map_err(|e| AuditError::Unavailable(e.to_string()))
+        })
+    }
 }
 
 /// Append-only JSON-lines file, one object per finding (`--audit-log`).
@@ -48,8 +68,8 @@ impl JsonlAuditLog {
     }
 }
 
-impl AuditSink for JsonlAuditLog {
-    fn record(&self, finding: &AuditFinding) -> Result<u64, AuditError> {
+impl JsonlAuditLog {
+    fn write(&self, finding: &AuditFinding) -> Result<u64, AuditError> {
         let mut line = finding_to_json(finding).to_string();
         line.push('\n');
         let mut f = self
@@ -59,6 +79,12 @@ impl AuditSink for JsonlAuditLog {
         // One write(2) on an O_APPEND file: lines never interleave.
         f.write_all(line.as_bytes())?;
         Ok(self.seq.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl AuditSink for JsonlAuditLog {
+    fn record<'a>(&'a self, finding: &'a AuditFinding) -> AuditFuture<'a> {
+        Box::pin(std::future::ready(self.write(finding)))
     }
 }
 
@@ -84,9 +110,11 @@ impl Default for TracingAuditLog {
 }
 
 impl AuditSink for TracingAuditLog {
-    fn record(&self, finding: &AuditFinding) -> Result<u64, AuditError> {
+    fn record<'a>(&'a self, finding: &'a AuditFinding) -> AuditFuture<'a> {
         tracing::info!(target: "secureops_audit", record = %finding_to_json(finding), "audit");
-        Ok(self.seq.fetch_add(1, Ordering::Relaxed))
+        Box::pin(std::future::ready(Ok(self
+            .seq
+            .fetch_add(1, Ordering::Relaxed))))
     }
 }
 
@@ -94,13 +122,15 @@ impl AuditSink for TracingAuditLog {
 pub struct TeeAuditSink(pub Vec<Box<dyn AuditSink>>);
 
 impl AuditSink for TeeAuditSink {
-    fn record(&self, finding: &AuditFinding) -> Result<u64, AuditError> {
-        let mut first = None;
-        for s in &self.0 {
-            let seq = s.record(finding)?;
-            first.get_or_insert(seq);
-        }
-        first.ok_or_else(|| AuditError::Unavailable("no sink configured".into()))
+    fn record<'a>(&'a self, finding: &'a AuditFinding) -> AuditFuture<'a> {
+        Box::pin(async move {
+            let mut first = None;
+            for s in &self.0 {
+                let seq = s.record(finding).await?;
+                first.get_or_insert(seq);
+            }
+            first.ok_or_else(|| AuditError::Unavailable("no sink configured".into()))
+        })
     }
 }
 
@@ -110,8 +140,10 @@ impl AuditSink for TeeAuditSink {
 pub struct BrokenAuditSink(pub String);
 
 impl AuditSink for BrokenAuditSink {
-    fn record(&self, _finding: &AuditFinding) -> Result<u64, AuditError> {
-        Err(AuditError::Unavailable(self.0.clone()))
+    fn record<'a>(&'a self, _finding: &'a AuditFinding) -> AuditFuture<'a> {
+        Box::pin(std::future::ready(Err(AuditError::Unavailable(
+            self.0.clone(),
+        ))))
     }
 }
 

@@ -131,7 +131,7 @@ async fn serve(ctx: Arc<Ctx>, stream: TcpStream, buffered: Vec<u8>) -> Result<()
             outcome: PdpOutcome::new(Decision::Deny, reason),
             detail: e.to_string(),
         };
-        ctx.proxy.record(mode_name(&ctx.mode), &mut v, None);
+        ctx.proxy.record(mode_name(&ctx.mode), &mut v, None).await;
     }
     Ok(())
 }
@@ -153,7 +153,7 @@ impl Ctx {
         }
     }
 
-    fn refuse(
+    async fn refuse(
         &self,
         status: StatusCode,
         reason: &str,
@@ -168,19 +168,21 @@ impl Ctx {
             outcome: PdpOutcome::new(Decision::Deny, reason),
             detail,
         };
-        self.proxy.record(mode_name(&self.mode), &mut v, None);
+        self.proxy.record(mode_name(&self.mode), &mut v, None).await;
         refusal(status, &v.outcome, &v.req.request_id)
     }
 
     async fn handle_explicit(&self, req: Request<Incoming>) -> Response<Body> {
         let target = req.uri().to_string();
         if req.method() == http::Method::CONNECT {
-            return self.refuse(
-                StatusCode::FORBIDDEN,
-                "connect_after_request",
-                &target,
-                "CONNECT must be the first request of a connection".into(),
-            );
+            return self
+                .refuse(
+                    StatusCode::FORBIDDEN,
+                    "connect_after_request",
+                    &target,
+                    "CONNECT must be the first request of a connection".into(),
+                )
+                .await;
         }
         let uri = match parse_absolute_uri(&target) {
             Ok(u) => u,
@@ -195,7 +197,7 @@ impl Ctx {
                 } else {
                     e.reason()
                 };
-                return self.refuse(status, reason, &target, e.to_string());
+                return self.refuse(status, reason, &target, e.to_string()).await;
             }
         };
         let hosts = host_headers(req.headers());
@@ -213,7 +215,9 @@ impl Ctx {
             _ => Err(("host_mismatch", "several Host headers".to_string())),
         };
         if let Err((reason, detail)) = host_check {
-            return self.refuse(StatusCode::FORBIDDEN, reason, &uri.authority.host, detail);
+            return self
+                .refuse(StatusCode::FORBIDDEN, reason, &uri.authority.host, detail)
+                .await;
         }
         let ph = PeekedHost::from_authority(&uri.authority, HostSource::HttpHost);
         let mut creq = self.proxy.new_request(self.peer, self.local, &ph);
@@ -232,7 +236,7 @@ impl Ctx {
         } else {
             None
         };
-        self.proxy.record("explicit", &mut v, dial);
+        self.proxy.record("explicit", &mut v, dial).await;
         match (v.outcome.decision.is_allow(), ip) {
             (true, Some(ip)) => {
                 self.forward(
@@ -257,12 +261,14 @@ impl Ctx {
         let origin_form = match req.uri().path_and_query() {
             Some(pq) if target.starts_with('/') => pq.as_str().to_string(),
             _ => {
-                return self.refuse(
-                    StatusCode::FORBIDDEN,
-                    "not_origin_form",
-                    &target,
-                    "transparent HTTP expects origin-form targets".into(),
-                );
+                return self
+                    .refuse(
+                        StatusCode::FORBIDDEN,
+                        "not_origin_form",
+                        &target,
+                        "transparent HTTP expects origin-form targets".into(),
+                    )
+                    .await;
             }
         };
         let hosts = host_headers(req.headers());
@@ -270,25 +276,35 @@ impl Ctx {
             [one] => match parse_authority(one, Some(orig.port())) {
                 Ok(a) if a.port == orig.port() => a,
                 Ok(_) => {
-                    return self.refuse(
-                        StatusCode::FORBIDDEN,
-                        "host_port_mismatch",
-                        one,
-                        String::new(),
-                    );
+                    return self
+                        .refuse(
+                            StatusCode::FORBIDDEN,
+                            "host_port_mismatch",
+                            one,
+                            String::new(),
+                        )
+                        .await;
                 }
                 Err(e) => {
-                    return self.refuse(StatusCode::FORBIDDEN, e.reason(), one, e.to_string());
+                    return self
+                        .refuse(StatusCode::FORBIDDEN, e.reason(), one, e.to_string())
+                        .await;
                 }
             },
-            [] => return self.refuse(StatusCode::FORBIDDEN, "missing_host", "-", String::new()),
+            [] => {
+                return self
+                    .refuse(StatusCode::FORBIDDEN, "missing_host", "-", String::new())
+                    .await;
+            }
             _ => {
-                return self.refuse(
-                    StatusCode::FORBIDDEN,
-                    "host_mismatch",
-                    "-",
-                    "several Host headers".into(),
-                );
+                return self
+                    .refuse(
+                        StatusCode::FORBIDDEN,
+                        "host_mismatch",
+                        "-",
+                        "several Host headers".into(),
+                    )
+                    .await;
             }
         };
         let pre = preapproved.lock().ok().and_then(|mut g| g.take());
@@ -329,11 +345,13 @@ impl Ctx {
             detail: String::new(),
         };
         let allow = v.outcome.decision.is_allow();
-        self.proxy.record(
-            "transparent",
-            &mut v,
-            if allow { Some(orig.ip()) } else { None },
-        );
+        self.proxy
+            .record(
+                "transparent",
+                &mut v,
+                if allow { Some(orig.ip()) } else { None },
+            )
+            .await;
         if v.outcome.decision.is_allow() {
             self.forward(req, orig, &origin_form, &authority).await
         } else {

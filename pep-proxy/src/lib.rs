@@ -375,7 +375,7 @@ impl EgressProxy {
     /// Record the verdict (exactly once per attempt). If the sink refuses,
     /// the verdict becomes a `fail_closed:audit_spool` deny (recorded
     /// nowhere: there is nowhere to record it, but it is counted and logged).
-    fn record(&self, mode: &str, v: &mut Verdict, dialled: Option<IpAddr>) {
+    async fn record(&self, mode: &str, v: &mut Verdict, dialled: Option<IpAddr>) {
         let finding = egress_finding(
             &self.cfg.pep_id,
             &v.req,
@@ -384,7 +384,7 @@ impl EgressProxy {
             self.cfg.fail_mode,
             &v.detail,
         );
-        if let Err(e) = self.audit.record(&finding) {
+        if let Err(e) = self.audit.record(&finding).await {
             tracing::error!(error = %e, request_id = %v.req.request_id, "audit sink refused a record: denying");
             self.metrics.audit_errors.inc();
             v.outcome = PdpOutcome::fail_closed("audit_spool");
@@ -520,6 +520,26 @@ fn refusal(status: u16, outcome: &PdpOutcome, request_id: &str) -> Vec<u8> {
         body.len()
     )
     .into_bytes()
+}
+
+/// Write a refusal, then close gracefully: half-close and drain (bounded in
+/// bytes and time) what the client is still sending, so the kernel does not
+/// answer unread data with an RST that would destroy the response.
+async fn send_refusal(stream: TcpStream, response: Vec<u8>) {
+    if tunnel::write_all(&stream, &response).await.is_err() {
+        return;
+    }
+    let _ = socket2::SockRef::from(&stream).shutdown(std::net::Shutdown::Write);
+    let mut stream = stream;
+    let mut sink = [0u8; 1024];
+    let mut drained = 0usize;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    while drained < 256 * 1024 {
+        match tokio::time::timeout_at(deadline, stream.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => drained += n,
+            _ => break,
+        }
+    }
 }
 
 /// How reading the first request head ended.
@@ -671,9 +691,8 @@ pub async fn handle_connection(
                 outcome: PdpOutcome::new(Decision::Deny, reason),
                 detail: format!("first bytes: {seen}"),
             };
-            proxy.record("explicit", &mut v, None);
-            let _ =
-                tunnel::write_all(&stream, &refusal(status, &v.outcome, &v.req.request_id)).await;
+            proxy.record("explicit", &mut v, None).await;
+            send_refusal(stream, refusal(status, &v.outcome, &v.req.request_id)).await;
             return Ok(());
         }
     };
@@ -681,6 +700,29 @@ pub async fn handle_connection(
         let leftover = buf[head.head_len..].to_vec();
         drop(buf);
         return handle_connect(proxy, stream, peer, local, head, leftover).await;
+    }
+    // Refuse a bad first target with its precise reason before hyper (which
+    // would only say "parse error") sees it.
+    if let Err(e) = parse::parse_absolute_uri(&head.target) {
+        let reason = if head.target.starts_with('/') {
+            "not_absolute_form"
+        } else {
+            e.reason()
+        };
+        let req = proxy.unparsed_request(peer, local, &head.target, HostSource::HttpHost);
+        let mut v = Verdict {
+            req,
+            outcome: PdpOutcome::new(Decision::Deny, reason),
+            detail: e.to_string(),
+        };
+        proxy.record("explicit", &mut v, None).await;
+        let status = if reason == "not_absolute_form" {
+            400
+        } else {
+            403
+        };
+        send_refusal(stream, refusal(status, &v.outcome, &v.req.request_id)).await;
+        return Ok(());
     }
     http::serve_explicit(proxy, stream, peer, local, buf).await
 }
@@ -702,14 +744,13 @@ async fn handle_connect(
                 outcome: PdpOutcome::new(Decision::Deny, e.reason()),
                 detail: e.to_string(),
             };
-            proxy.record("explicit", &mut v, None);
+            proxy.record("explicit", &mut v, None).await;
             let status = if matches!(e, parse::AuthorityError::Userinfo) {
                 403
             } else {
                 400
             };
-            let _ =
-                tunnel::write_all(&stream, &refusal(status, &v.outcome, &v.req.request_id)).await;
+            send_refusal(stream, refusal(status, &v.outcome, &v.req.request_id)).await;
             return Ok(());
         }
     };
@@ -722,8 +763,8 @@ async fn handle_connect(
             outcome,
             detail: String::new(),
         };
-        proxy.record("explicit", &mut v, None);
-        let _ = tunnel::write_all(&stream, &refusal(403, &v.outcome, &v.req.request_id)).await;
+        proxy.record("explicit", &mut v, None).await;
+        send_refusal(stream, refusal(403, &v.outcome, &v.req.request_id)).await;
         return Ok(());
     }
     let Some(ip) = req.ip else {
@@ -732,8 +773,8 @@ async fn handle_connect(
             outcome: PdpOutcome::new(Decision::Deny, "no_address"),
             detail: String::new(),
         };
-        proxy.record("explicit", &mut v, None);
-        let _ = tunnel::write_all(&stream, &refusal(403, &v.outcome, &v.req.request_id)).await;
+        proxy.record("explicit", &mut v, None).await;
+        send_refusal(stream, refusal(403, &v.outcome, &v.req.request_id)).await;
         return Ok(());
     };
     tunnel::write_all(&stream, b"HTTP/1.1 200 Connection established\r\n\r\n").await?;
@@ -794,7 +835,9 @@ async fn handle_connect(
         _ => {}
     }
     let dial = v.outcome.decision.is_allow() && !client_gone;
-    proxy.record("explicit", &mut v, if dial { Some(ip) } else { None });
+    proxy
+        .record("explicit", &mut v, if dial { Some(ip) } else { None })
+        .await;
     if !v.outcome.decision.is_allow() {
         rst(stream);
         return Ok(());
@@ -829,7 +872,7 @@ pub async fn handle_transparent(
                 outcome: PdpOutcome::new(Decision::Deny, "no_original_dst"),
                 detail: String::new(),
             };
-            proxy.record("transparent", &mut v, None);
+            proxy.record("transparent", &mut v, None).await;
             rst(stream);
             return Ok(());
         }
@@ -933,11 +976,13 @@ pub async fn handle_transparent(
         detail,
     };
     let dial = v.outcome.decision.is_allow() && !client_gone;
-    proxy.record(
-        "transparent",
-        &mut v,
-        if dial { Some(orig.ip()) } else { None },
-    );
+    proxy
+        .record(
+            "transparent",
+            &mut v,
+            if dial { Some(orig.ip()) } else { None },
+        )
+        .await;
     if !v.outcome.decision.is_allow() {
         rst(stream);
         return Ok(());

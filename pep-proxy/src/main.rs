@@ -9,8 +9,12 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use prometheus_client::registry::Registry;
 use secureops_pep::telemetry::{self, LogFormat, Readiness};
-use secureops_pep::{AllowlistPdp, FailMode, PolicyDecisionPoint};
-use secureops_proxy::audit::{AuditSink, JsonlAuditLog, TeeAuditSink, TracingAuditLog};
+use secureops_pep::{
+    AllowlistPdp, AuditSpool, FailMode, PolicyDecisionPoint, Shipper, ShipperConfig, SpoolLimits,
+};
+use secureops_proxy::audit::{
+    AuditSink, JsonlAuditLog, SpoolAuditSink, TeeAuditSink, TracingAuditLog,
+};
 use secureops_proxy::metrics::ProxyMetrics;
 use secureops_proxy::resolve::{Resolver, parse_override};
 use secureops_proxy::{
@@ -120,6 +124,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let metrics = ProxyMetrics::new();
     metrics.register(&mut registry);
+    // Shared by the PDP client and the spool: registered once.
+    let pep_metrics = secureops_pep::PepMetrics::new();
+    pep_metrics.register(&mut registry);
 
     let tier = args
         .enforcement_tier
@@ -131,13 +138,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let pdp: Arc<dyn PolicyDecisionPoint> = match &args.pdp {
         Some(url) => {
-            let pep_metrics = secureops_pep::PepMetrics::new();
-            pep_metrics.register(&mut registry);
             let mut cfg = secureops_pep::GrpcPdpConfig::new(url.clone(), args.pep_id.clone());
             cfg.workload_id = args.workload.clone();
             cfg.deadline = Duration::from_millis(args.pdp_timeout_ms);
             Arc::new(
-                secureops_pep::GrpcPdp::new(cfg, pep_metrics).context("building the PDP client")?,
+                secureops_pep::GrpcPdp::new(cfg, pep_metrics.clone())
+                    .context("building the PDP client")?,
             )
         }
         None => {
@@ -158,7 +164,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::warn!("--fail-mode open: PDP failures ALLOW traffic (each audited as fail_open)");
     }
 
-    let audit = build_audit(&args)?;
+    let (audit, _shipper) = build_audit(&args, &pep_metrics)?;
 
     let overrides = args
         .resolve
@@ -252,13 +258,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build_audit(args: &Args) -> anyhow::Result<Arc<dyn AuditSink>> {
+/// The audit sinks and, with `--audit`, the shipper task (kept alive by the
+/// caller).
+fn build_audit(
+    args: &Args,
+    pep_metrics: &secureops_pep::PepMetrics,
+) -> anyhow::Result<(Arc<dyn AuditSink>, Option<Shipper>)> {
     let mut sinks: Vec<Box<dyn AuditSink>> = Vec::new();
-    if args.spool_dir.is_some() || args.audit.is_some() || args.audit_token_file.is_some() {
-        bail!(
-            "--spool-dir/--audit need pep-core's audit spool, which this build does not have yet; \
-             refusing to start rather than run without the configured audit trail"
-        );
+    let mut shipper = None;
+    match (&args.spool_dir, &args.audit) {
+        (None, Some(_)) => {
+            bail!("--audit needs --spool-dir (records are spooled durably, then shipped)")
+        }
+        (Some(dir), audit) => {
+            let spool =
+                AuditSpool::open_with_metrics(dir, SpoolLimits::default(), pep_metrics.clone())
+                    .with_context(|| format!("opening the audit spool {}", dir.display()))?;
+            if let Some(endpoint) = audit {
+                let token = args
+                    .audit_token_file
+                    .clone()
+                    .context("--audit needs --audit-token-file")?;
+                let cfg = ShipperConfig::new(endpoint.clone(), args.pep_id.clone(), token);
+                shipper =
+                    Some(Shipper::spawn(spool.clone(), cfg).context("starting the audit shipper")?);
+            } else {
+                tracing::warn!(
+                    "--spool-dir without --audit: records are spooled locally and not shipped"
+                );
+            }
+            sinks.push(Box::new(SpoolAuditSink(spool)));
+        }
+        (None, None) => {}
     }
     if let Some(p) = &args.audit_log {
         sinks
@@ -272,7 +303,7 @@ fn build_audit(args: &Args) -> anyhow::Result<Arc<dyn AuditSink>> {
         );
         sinks.push(Box::new(TracingAuditLog::new()));
     }
-    Ok(Arc::new(TeeAuditSink(sinks)))
+    Ok((Arc::new(TeeAuditSink(sinks)), shipper))
 }
 
 /// Accept until shutdown. Each connection holds a receiver of the shutdown
