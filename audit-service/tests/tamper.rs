@@ -412,3 +412,33 @@ fn rewritten_history_with_valid_crcs_and_chain_is_caught_by_checkpoint() {
     // Checkpoint #3 (size 60) still vouches for 0..60; 60.. is unproven.
     assert_eq!(idx, 60);
 }
+
+#[test]
+fn large_log_parallel_verification_names_the_damaged_entry() {
+    // Over the verifier's parallel threshold, so the multi-threaded path runs.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let signer = NoteSigner::generate(ORIGIN).unwrap();
+    let (mut w, _shared, _) = LogWriter::open(&dir, ORIGIN, signer.clone()).unwrap();
+    let findings: Vec<_> = (1..=1000).map(common::finding).collect();
+    for b in 0..10u64 {
+        let recs: Vec<_> = (0..1000u64)
+            .map(|i| ("pep-0", b * 1000 + i + 1, &findings[i as usize]))
+            .collect();
+        w.append_batch(recs).unwrap();
+    }
+    w.checkpoint(false).unwrap();
+    drop(w);
+    let key = signer.verifier();
+    assert_eq!(verify_dir(&dir, &key, None).unwrap().entries, 10_000);
+    let (first, path) = seg_paths(&dir).remove(0);
+    let clean = std::fs::read(&path).unwrap();
+    let fr = frames(&clean, first);
+    for target in [0usize, 4095, 7777, 9999] {
+        let mut bad = clean.clone();
+        bad[fr[target].0 + 20] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        let e = verify_dir(&dir, &key, None).unwrap_err();
+        assert_eq!(e.index, target as u64, "{e}");
+    }
+}
