@@ -129,8 +129,25 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// One line for an error; gRPC statuses as `<context>: <code>: <message>`
+/// (tonic's own Display is a sentence that hides the code).
+fn describe(e: &anyhow::Error) -> String {
+    if let Some(st) = e.chain().find_map(|c| c.downcast_ref::<tonic::Status>()) {
+        let code = format!("{:?}", st.code()).to_lowercase();
+        let hint = match st.code() {
+            tonic::Code::Unauthenticated => {
+                " (check --admin-token-file / SECUREOPS_ADMIN_TOKEN_FILE)"
+            }
+            tonic::Code::Unavailable => " (is the service running? see --pdp / --admin / --audit)",
+            _ => "",
+        };
+        return format!("{e}: {code}: {}{hint}", st.message());
+    }
+    format!("{e:#}")
 }
