@@ -24,7 +24,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use secureops_proto::v1::policy_decision_client::PolicyDecisionClient;
-use secureops_proto::v1::{CheckRequest, Destination, HostSource, Transport, Verdict};
+use secureops_proto::v1::{CheckRequest, Destination, HostSource, ProcessInfo, Transport, Verdict};
 use secureops_test_support::{Service, bin_path, skip};
 
 #[derive(Debug, Clone)]
@@ -154,7 +154,16 @@ async fn deploy_otlp_pdp_exports_check_span_in_callers_trace() {
         let mut req = tonic::Request::new(CheckRequest {
             request_id: format!("otlp-test-{n}"),
             workload_id: "otlp-test".into(),
-            process: None,
+            // Attributed: with the taint rule in force an unattributed
+            // process is refused (`fail_closed:unattributed`).
+            process: Some(ProcessInfo {
+                pid: std::process::id(),
+                start_time: 1,
+                exe: "/usr/bin/curl".into(),
+                argv: vec!["curl".into()],
+                uid: 1000,
+                ancestors: vec![],
+            }),
             destination: Some(Destination {
                 host: host.into(),
                 port: 443,
@@ -181,6 +190,24 @@ async fn deploy_otlp_pdp_exports_check_span_in_callers_trace() {
         Verdict::Deny as i32,
         "default policy must deny an unlisted host: {denied:?}"
     );
+
+    // The default policy's allowlist, through the real PDP.
+    for (n, host) in [
+        (2, "github.com"),
+        (3, "files.pythonhosted.org"),
+        (4, "raw.githubusercontent.com"),
+    ] {
+        let allowed = client
+            .check(check(host, n))
+            .await
+            .unwrap_or_else(|e| panic!("Check: {e}"))
+            .into_inner();
+        assert_eq!(
+            allowed.decision,
+            Verdict::Allow as i32,
+            "default policy must allow {host}:443: {allowed:?}"
+        );
+    }
 
     // 4. The span arrives at the collector, in the caller's trace.
     let want_trace = trace_id.to_owned();
