@@ -10,6 +10,7 @@
 //! under a wildcard additionally spend an information budget
 //! ([`exfil`]) so DNS cannot be used as a tunnel.
 
+pub mod attribution;
 pub mod audit;
 pub mod cache;
 pub mod context;
@@ -20,4 +21,4 @@ pub mod name;
 pub mod server;
 mod sinkhole;
 
-pub use sinkhole::{Attributor, DnsSinkhole, SinkholeAnswer, SinkholeConfig, SinkholeParts};
+pub use sinkhole::{DnsSinkhole, SinkholeAnswer, SinkholeConfig, SinkholeParts};

@@ -107,6 +107,10 @@ struct Args {
     /// Tracked (workload, domain) pairs; new ones are denied past it.
     #[arg(long, env = "SECUREOPS_EXFIL_MAX_DOMAINS", default_value_t = 10_000)]
     exfil_max_domains: usize,
+    /// Attribute each query to the local process that sent it (/proc scan,
+    /// memoised per client socket for 1 s).
+    #[arg(long, env = "SECUREOPS_ATTRIBUTION", default_value_t = true, action = clap::ArgAction::Set)]
+    attribution: bool,
     /// Worker threads (0 = available CPUs).
     #[arg(long, env = "SECUREOPS_THREADS", default_value_t = 0)]
     threads: usize,
@@ -249,6 +253,14 @@ async fn run(args: Args, threads: usize) -> anyhow::Result<()> {
         max_domains: args.exfil_max_domains,
     });
 
+    let udp_sockets = if args.udp_sockets == 0 {
+        threads
+    } else {
+        args.udp_sockets
+    };
+    let listeners = secureops_dns::server::bind(args.listen, udp_sockets)
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listeners.addr;
     let sinkhole = DnsSinkhole::new(SinkholeParts {
         cfg: SinkholeConfig {
             workload_id: args.workload.clone(),
@@ -264,21 +276,18 @@ async fn run(args: Args, threads: usize) -> anyhow::Result<()> {
         exfil: Arc::new(exfil),
         audit,
         context,
-        attributor: None,
+        attributor: args.attribution.then(|| {
+            Arc::new(secureops_dns::attribution::ClientAttribution::new(
+                addr,
+                Duration::from_secs(1),
+            ))
+        }),
         metrics,
     });
     if args.fail_mode == FailMode::Open {
         tracing::warn!("--fail-mode open: PDP failures ALLOW queries (audited as fail_open)");
     }
 
-    let udp_sockets = if args.udp_sockets == 0 {
-        threads
-    } else {
-        args.udp_sockets
-    };
-    let listeners = secureops_dns::server::bind(args.listen, udp_sockets)
-        .with_context(|| format!("binding {}", args.listen))?;
-    let addr = listeners.addr;
     let mut server = secureops_dns::server::serve(sinkhole, listeners, Duration::from_secs(10));
     let readiness = Readiness::new();
     if let Some(m) = args.metrics_listen {

@@ -1,7 +1,7 @@
 //! [`DnsSinkhole`]: the hickory-server [`RequestHandler`] that decides every
 //! query through the PDP and either forwards it or sinkholes it.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -19,6 +19,7 @@ use secureops_pep::{
 };
 use secureops_proto::v1::AuditFinding;
 
+use crate::attribution::ClientAttribution;
 use crate::audit::AuditSink;
 use crate::cache::{AnswerCache, CacheKey, CachedAnswer};
 use crate::context::ContextReporter;
@@ -87,11 +88,6 @@ impl Default for SinkholeConfig {
     }
 }
 
-/// Maps the client of a query to its process (pep-core attribution).
-pub trait Attributor: Send + Sync {
-    fn attribute(&self, client: SocketAddr, transport: Transport) -> ProcessIdentity;
-}
-
 /// The DNS policy enforcement point. See the crate documentation.
 pub struct DnsSinkhole {
     cfg: SinkholeConfig,
@@ -101,7 +97,7 @@ pub struct DnsSinkhole {
     exfil: Arc<ExfilGuard>,
     audit: Arc<dyn AuditSink>,
     context: Option<ContextReporter>,
-    attributor: Option<Arc<dyn Attributor>>,
+    attributor: Option<Arc<ClientAttribution>>,
     metrics: DnsMetrics,
     seq: AtomicU64,
     boot: String,
@@ -116,7 +112,7 @@ pub struct SinkholeParts {
     pub exfil: Arc<ExfilGuard>,
     pub audit: Arc<dyn AuditSink>,
     pub context: Option<ContextReporter>,
-    pub attributor: Option<Arc<dyn Attributor>>,
+    pub attributor: Option<Arc<ClientAttribution>>,
     pub metrics: DnsMetrics,
 }
 
@@ -479,7 +475,7 @@ impl DnsSinkhole {
             Transport::Udp
         };
         let process = match &self.attributor {
-            Some(a) => a.attribute(request.src(), transport),
+            Some(a) => a.attribute(request.src(), protocol == Protocol::Tcp).await,
             None => ProcessIdentity::default(),
         };
         let req = ConnectionRequest {

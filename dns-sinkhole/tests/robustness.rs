@@ -323,6 +323,10 @@ fn one_audit_record_per_query_in_the_spool() {
     assert_eq!(f(0).pep_kind, "dns");
     assert_eq!(f(0).workload_id, "agent-7");
     assert_eq!(f(0).port, 53);
+    // Attributed to the process that sent the query: this test.
+    assert_eq!(f(0).pid, std::process::id());
+    assert!(f(0).process_start_time > 0);
+    assert!(!f(0).exe.is_empty());
     assert_eq!(f(0).host_source, secureops_pep::HostSource::DnsQuery as i32);
     assert_eq!(f(0).decision, secureops_proto::v1::Verdict::Allow as i32);
     assert_eq!(f(1).decision, secureops_proto::v1::Verdict::Deny as i32);
