@@ -34,12 +34,14 @@ struct Opts {
     duration: Duration,
     warmup: Duration,
     extra_rules: usize,
+    threads: usize,
+    server_threads: usize,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: check_load [--addr HOST:PORT | --pdp-bin PATH] [--clients N] [--channels N] \
-         [--duration SECS] [--warmup SECS] [--extra-rules N]"
+         [--duration SECS] [--warmup SECS] [--extra-rules N] [--threads N] [--server-threads N]"
     );
     std::process::exit(2)
 }
@@ -53,6 +55,8 @@ fn parse_opts() -> Opts {
         duration: Duration::from_secs(10),
         warmup: Duration::from_secs(2),
         extra_rules: 1000,
+        threads: 1,
+        server_threads: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -66,6 +70,8 @@ fn parse_opts() -> Opts {
             "--duration" => o.duration = Duration::from_secs(num(val())),
             "--warmup" => o.warmup = Duration::from_secs(num(val())),
             "--extra-rules" => o.extra_rules = usize::try_from(num(val())).unwrap_or(0),
+            "--threads" => o.threads = usize::try_from(num(val())).unwrap_or(1).max(1),
+            "--server-threads" => o.server_threads = usize::try_from(num(val())).unwrap_or(0),
             _ => usage(),
         }
     }
@@ -139,9 +145,22 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)] as f64 / 1000.0
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let o = parse_opts();
+    let rt = if o.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(o.threads)
+            .enable_all()
+            .build()?
+    };
+    rt.block_on(run(o))
+}
+
+async fn run(o: Opts) -> Result<(), Box<dyn std::error::Error>> {
     let mut _guard = None;
     let _dir;
     let addr = match &o.addr {
@@ -164,6 +183,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     &data.display().to_string(),
                     "--policy",
                     &pol.display().to_string(),
+                    "--worker-threads",
+                    &o.server_threads.to_string(),
                 ],
                 &[("RUST_LOG", "warn")],
                 &["grpc"],
@@ -235,9 +256,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     all.sort_unstable();
     let n = all.len() as f64;
     println!(
-        "clients={} channels={} duration={:.1}s decisions={} errors={} rate={:.0}/s p50={:.3}ms p90={:.3}ms p99={:.3}ms p99.9={:.3}ms max={:.3}ms allow={} deny={} escalate={}",
+        "clients={} channels={} threads={} server_threads={} duration={:.1}s decisions={} errors={} rate={:.0}/s p50={:.3}ms p90={:.3}ms p99={:.3}ms p99.9={:.3}ms max={:.3}ms allow={} deny={} escalate={}",
         o.clients,
         o.channels,
+        o.threads,
+        o.server_threads,
         elapsed.as_secs_f64(),
         all.len(),
         errors,

@@ -77,6 +77,9 @@ pub struct Args {
         default_value_t = 10_000
     )]
     pub max_pending_escalations: usize,
+    /// Tokio worker threads (0 = one per CPU).
+    #[arg(long, env = "SECUREOPS_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
     /// Seconds an unresolved escalation stays pending.
     #[arg(
         long,
@@ -109,6 +112,16 @@ async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// Build the runtime (honouring `--worker-threads`) and run the PDP on it.
+pub fn main_with(args: Args) -> anyhow::Result<()> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.enable_all().thread_name("pdp-worker");
+    if args.worker_threads > 0 {
+        b.worker_threads(args.worker_threads);
+    }
+    b.build()?.block_on(run(args))
 }
 
 /// Run the PDP until SIGTERM / Ctrl-C.

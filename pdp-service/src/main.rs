@@ -2,7 +2,6 @@
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    secureops_policy::app::run(secureops_policy::app::Args::parse()).await
+fn main() -> anyhow::Result<()> {
+    secureops_policy::app::main_with(secureops_policy::app::Args::parse())
 }
