@@ -171,6 +171,10 @@ struct PermGuard {
 }
 
 impl PermGuard {
+    fn event_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.event.as_ref().and_then(|e| e.fd())
+    }
+
     fn respond(mut self, response: Response, reason: &'static str) {
         if let Some(ev) = self.event.take() {
             write_response(&self.fan, &ev, response, reason, &self.metrics);
@@ -229,6 +233,31 @@ pub struct SensorCtx {
     pub ack_timeout: Duration,
     pub on_timeout: OnTimeout,
     pub runtime: tokio::runtime::Handle,
+    /// Non-sensitive files under these prefixes get an evictable kernel
+    /// ignore mark after their first open (see [`SensorCtx::cacheable`]).
+    pub cache_prefixes: Vec<String>,
+    /// Cleared when the kernel refuses ignore marks (old kernels).
+    pub cache_enabled: std::sync::atomic::AtomicBool,
+}
+
+impl SensorCtx {
+    /// Whether a non-sensitive path may be cached in the kernel as "ignore".
+    ///
+    /// Why only prefixes: an ignore mark sits on the *inode*, so a file that
+    /// is later renamed or hard-linked to a sensitive name would stay
+    /// ignored. Under root-owned system directories (`/usr/`, `/lib/`, ...)
+    /// an unprivileged workload can neither rename nor (with
+    /// `fs.protected_hardlinks`) link those inodes, so caching them is safe
+    /// and removes the bulk of mount-mode overhead (shared libraries,
+    /// binaries). Operators must list only such directories.
+    pub fn cacheable(&self, path: &str) -> bool {
+        self.cache_enabled
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && self
+                .cache_prefixes
+                .iter()
+                .any(|p| path.starts_with(p.as_str()))
+    }
 }
 
 /// The blocking reader loop; returns only on a fatal error. Run it on a
@@ -299,6 +328,11 @@ fn handle_event(fan: &Arc<Fanotify>, ctx: &Arc<SensorCtx>, ev: FanotifyEvent, ow
     let path = path.to_string_lossy();
     if !ctx.matcher.is_sensitive(&path) {
         count(ctx, "non_sensitive");
+        if ctx.cacheable(&path)
+            && let Some(fd) = guard.event_fd()
+        {
+            ignore_inode(fan, ctx, fd);
+        }
         guard.respond(Response::FAN_ALLOW, "non_sensitive");
         return;
     }
@@ -323,6 +357,26 @@ fn handle_event(fan: &Arc<Fanotify>, ctx: &Arc<SensorCtx>, ev: FanotifyEvent, ow
         )
         .await;
     });
+}
+
+/// Put an evictable ignore mark for `FAN_OPEN_PERM` on the inode behind
+/// `fd`: later opens of it are not reported to us at all (the kernel may
+/// evict the mark under memory pressure; the next open then re-adds it).
+fn ignore_inode(fan: &Fanotify, ctx: &SensorCtx, fd: std::os::fd::BorrowedFd<'_>) {
+    let flags = MarkFlags::FAN_MARK_ADD
+        | MarkFlags::FAN_MARK_IGNORED_MASK
+        | MarkFlags::FAN_MARK_IGNORED_SURV_MODIFY
+        | MarkFlags::FAN_MARK_EVICTABLE;
+    match fan.mark(flags, MaskFlags::FAN_OPEN_PERM, fd, None::<&Path>) {
+        Ok(()) => {
+            ctx.metrics.ignore_marks.inc();
+        }
+        Err(e) => {
+            ctx.cache_enabled
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(error = %e, "kernel refused an ignore mark; inode caching disabled");
+        }
+    }
 }
 
 async fn sensitive_open(

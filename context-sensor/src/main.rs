@@ -58,6 +58,20 @@ struct Args {
     /// Directory whose direct children are marked (repeatable, not recursive).
     #[arg(long = "mark-dir", env = "SECUREOPS_MARK_DIR", value_delimiter = ',')]
     mark_dir: Vec<PathBuf>,
+    /// Non-sensitive files under these root-owned prefixes are cached in the
+    /// kernel (evictable ignore mark) after their first open, so later opens
+    /// never reach the sensor. List only directories the workload cannot
+    /// write (an ignore mark follows the inode across renames).
+    #[arg(
+        long = "cache-prefix",
+        env = "SECUREOPS_CACHE_PREFIX",
+        value_delimiter = ',',
+        default_value = "/usr/,/lib/,/lib64/,/bin/,/sbin/"
+    )]
+    cache_prefix: Vec<String>,
+    /// Disable the kernel ignore cache (every open of a marked file is seen).
+    #[arg(long, env = "SECUREOPS_NO_IGNORE_CACHE")]
+    no_ignore_cache: bool,
     /// Bounded wait for the PDP ack of a sensitive open, in milliseconds.
     #[arg(long, env = "SECUREOPS_ACK_TIMEOUT_MS", default_value_t = 250)]
     ack_timeout_ms: u64,
@@ -157,6 +171,19 @@ fn run(args: Args) -> anyhow::Result<()> {
             ack_timeout: Duration::from_millis(args.ack_timeout_ms),
             on_timeout: args.on_timeout,
             runtime: tokio::runtime::Handle::current(),
+            cache_prefixes: args
+                .cache_prefix
+                .iter()
+                .filter(|p| p.starts_with('/'))
+                .map(|p| {
+                    if p.ends_with('/') {
+                        p.clone()
+                    } else {
+                        format!("{p}/")
+                    }
+                })
+                .collect(),
+            cache_enabled: std::sync::atomic::AtomicBool::new(!args.no_ignore_cache),
         });
         let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
         let reader_fan = fan.clone();

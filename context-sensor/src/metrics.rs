@@ -18,6 +18,9 @@ pub struct Metrics {
     /// (`sensitive`, `non_sensitive`, `self`, `unresolved`, `overflow`,
     /// `other`).
     pub events: Family<Label1, Counter>,
+    /// `secureops_sensor_ignore_marks_total`: non-sensitive inodes cached
+    /// in the kernel (`--cache-prefix`).
+    pub ignore_marks: Counter,
     /// `secureops_sensor_sensitive_opens_total`.
     pub sensitive_opens: Counter,
     /// `secureops_sensor_responses_total{response,reason}`: every answer
@@ -54,6 +57,7 @@ impl Metrics {
         let m = Self {
             events: Family::default(),
             sensitive_opens: Counter::default(),
+            ignore_marks: Counter::default(),
             responses: Family::default(),
             response_errors: Counter::default(),
             // 50 µs .. ~1.6 s
@@ -70,6 +74,11 @@ impl Metrics {
             "secureops_sensor_events",
             "fanotify events by kind",
             m.events.clone(),
+        );
+        registry.register(
+            "secureops_sensor_ignore_marks",
+            "non-sensitive inodes cached in the kernel as ignored",
+            m.ignore_marks.clone(),
         );
         registry.register(
             "secureops_sensor_sensitive_opens",

@@ -399,3 +399,44 @@ fn missing_cap_sys_admin_is_reported() {
     assert!(stderr.contains("fanotify_init"), "{stderr}");
     assert!(stderr.contains("CAP_SYS_ADMIN"), "{stderr}");
 }
+
+/// `--cache-prefix`: a non-sensitive file under the prefix reaches the
+/// sensor once, then the kernel ignore mark keeps later opens away; a
+/// sensitive file under the same prefix is reported every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_prefix_ignores_repeat_opens_but_never_sensitive_ones() {
+    require_fanotify!();
+    let dir = tmpdir();
+    let plain = write(dir.path(), "lib.so");
+    let env = write(dir.path(), ".env");
+    let pdp = FakePdp::start().await;
+    let prefix = format!("{}/", dir.path().display());
+    let sensor = Sensor::start(&[
+        "--pdp",
+        &pdp.url(),
+        "--mark-dir",
+        dir.path().to_str().unwrap(),
+        "--cache-prefix",
+        &prefix,
+    ]);
+    let (p2, e2) = (plain.clone(), env.clone());
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..50 {
+            std::fs::File::open(&p2).unwrap();
+        }
+        for _ in 0..3 {
+            std::fs::File::open(&e2).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        sensor.metric("secureops_sensor_events_total{kind=\"non_sensitive\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sensor.metric("secureops_sensor_ignore_marks_total"),
+        Some(1.0)
+    );
+    assert_eq!(pdp.state.file_opens().len(), 3);
+}
