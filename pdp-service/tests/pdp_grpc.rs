@@ -406,14 +406,14 @@ async fn escalation_approve_deny_expiry_end_to_end() {
     let mut c = pdp.decision().await;
     let mut a = pdp.admin().await;
 
-    // Approve for 1 s, this port only.
+    // Approve for 2 s, this port only.
     let r = check(&mut c, req("w", "ask.example.com", 443)).await;
     assert_eq!(r.decision, Verdict::Escalate as i32);
     let e = a
         .resolve_escalation(ResolveEscalationRequest {
             escalation_id: r.escalation_id.clone(),
             approve: true,
-            ttl_seconds: 1,
+            ttl_seconds: 2,
             all_ports: false,
             comment: "temporary".into(),
         })
@@ -430,7 +430,7 @@ async fn escalation_approve_deny_expiry_end_to_end() {
     assert_eq!(other.decision, Verdict::Escalate as i32);
 
     // Expiry: the approval lapses and a new escalation is created.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(10);
     let again = loop {
         let r2 = check(&mut c, req("w", "ask.example.com", 443)).await;
         if r2.decision != Verdict::Allow as i32 {
@@ -830,7 +830,7 @@ async fn silent_sensor_fails_closed_and_invalidates() {
 
     let mut ctx = pdp.context().await;
     let s = ctx
-        .report(tokio_stream::iter(vec![heartbeat("w", 1, 200)]))
+        .report(tokio_stream::iter(vec![heartbeat("w", 1, 500)]))
         .await
         .expect("report")
         .into_inner();
@@ -938,4 +938,56 @@ async fn sigterm_with_open_watch_exits_gracefully() {
     // The watcher learns the stream is gone (and would flush its cache).
     let end = tokio::time::timeout(Duration::from_secs(5), w.message()).await;
     assert!(matches!(end, Ok(Err(_)) | Ok(Ok(None))), "{end:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_listeners_serve_health_and_reflection() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let d = data_dir();
+    let pdp = spawn_with_policy(d.path(), POLICY);
+    for (listener, service) in [
+        ("grpc", "secureops.v1.PolicyDecision"),
+        ("grpc", "secureops.v1.ProcessContext"),
+        ("admin", "secureops.v1.PolicyAdmin"),
+    ] {
+        // No token needed for health / reflection, even on the admin listener.
+        let ch = tonic::transport::Channel::from_shared(pdp.svc.url(listener))
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+        let mut h = HealthClient::new(ch.clone());
+        let st = h
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health")
+            .into_inner();
+        assert_eq!(st.status, 1, "{listener} {service}: SERVING");
+
+        let mut r = ServerReflectionClient::new(ch);
+        let mut s = r
+            .server_reflection_info(tokio_stream::iter(vec![ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            }]))
+            .await
+            .expect("reflection")
+            .into_inner();
+        let resp = s.message().await.expect("msg").expect("some");
+        let Some(MessageResponse::ListServicesResponse(l)) = resp.message_response else {
+            panic!("unexpected reflection answer {resp:?}");
+        };
+        assert!(
+            l.service.iter().any(|x| x.name == service),
+            "{listener}: {l:?}"
+        );
+    }
 }
