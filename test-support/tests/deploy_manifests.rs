@@ -437,6 +437,10 @@ fn check_k8s(docs: &[Value], what: &str) {
     assert!(penv["SECUREOPS_AUDIT"].ends_with(&format!(":{AUDIT_GRPC}")));
     let dns = by_name("dns");
     assert_eq!(port_of(&env_map(dns)["SECUREOPS_LISTEN"]), FUNNEL_DNS_PORT);
+    assert!(
+        env_map(dns).contains_key("SECUREOPS_UPSTREAM"),
+        "{what}: without an upstream every allowed name gets SERVFAIL"
+    );
     for c in [proxy, dns] {
         assert_eq!(uid(c), Some(EXEMPT_ID));
         assert_eq!(
@@ -780,6 +784,10 @@ fn deploy_compose_file_structure() {
         port_of(&env("sidecar-dns", "SECUREOPS_LISTEN")),
         FUNNEL_DNS_PORT
     );
+    assert!(
+        !env("sidecar-dns", "SECUREOPS_UPSTREAM").is_empty(),
+        "sinkhole upstream"
+    );
     assert_eq!(port_of(&env("pdp", "SECUREOPS_LISTEN")), PDP_GRPC);
     assert_eq!(port_of(&env("pdp", "SECUREOPS_ADMIN_LISTEN")), PDP_ADMIN);
     assert_eq!(port_of(&env("audit", "SECUREOPS_LISTEN")), AUDIT_GRPC);
@@ -1040,5 +1048,72 @@ fn deploy_default_policy() {
     }
     for g in ["**/.env*", "**/.aws/credentials", "**/.ssh/id_*"] {
         assert!(globs.contains(g), "taint rule lacks {g}");
+    }
+}
+
+/// Image repository -> the binary it runs.
+const IMAGE_BINARIES: &[(&str, &str)] = &[
+    ("secureops/pdp", "secureops-pdp"),
+    ("secureops/audit", "secureops-audit"),
+    ("secureops/proxy", "secureops-proxy"),
+    ("secureops/dns", "secureops-dns"),
+    ("secureops/sensor", "secureops-sensor"),
+];
+
+/// Every `SECUREOPS_*` variable the manifests and the compose file set is one
+/// the binary accepts (clap prints `[env: NAME=]` in `--help`): a renamed flag
+/// would otherwise be silently ignored in production.
+#[test]
+fn deploy_env_vars_known_to_binaries() {
+    let mut wanted: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    let base = deploy().join("k8s/base");
+    let k = &yaml_docs(&read(&base.join("kustomization.yaml")), "kustomization")[0];
+    for r in arr(k, "/resources").iter().filter_map(Value::as_str) {
+        for d in yaml_docs(&read(&base.join(r)), r) {
+            for c in containers(d.pointer("/spec/template/spec").unwrap_or(&Value::Null)) {
+                let image = s(c, "/image");
+                let repo = image.rsplit_once(':').map_or(image, |(r, _)| r);
+                if let Some((_, bin)) = IMAGE_BINARIES.iter().find(|(i, _)| *i == repo) {
+                    wanted
+                        .entry(bin)
+                        .or_default()
+                        .extend(env_map(c).into_keys());
+                }
+            }
+        }
+    }
+    let compose = &yaml_docs(&read(&deploy().join("compose.yaml")), "compose")[0];
+    for (_, svc) in compose["services"].as_object().into_iter().flatten() {
+        let image = s(svc, "/image");
+        let repo = image.rsplit_once(':').map_or(image, |(r, _)| r);
+        if let Some((_, bin)) = IMAGE_BINARIES.iter().find(|(i, _)| *i == repo) {
+            for (k, _) in svc["environment"].as_object().into_iter().flatten() {
+                wanted.entry(bin).or_default().insert(k.clone());
+            }
+        }
+    }
+    assert_eq!(
+        wanted.len(),
+        IMAGE_BINARIES.len(),
+        "every image is deployed somewhere"
+    );
+    for (bin, vars) in wanted {
+        let path = secureops_test_support::bin_path(bin);
+        if !path.exists() {
+            eprintln!("SKIPPED: env check for {bin}: {} not built", path.display());
+            continue;
+        }
+        let out = Command::new(&path)
+            .arg("--help")
+            .output()
+            .unwrap_or_else(|e| panic!("{bin} --help: {e}"));
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{bin} --help failed");
+        for v in vars.iter().filter(|v| v.starts_with("SECUREOPS_")) {
+            assert!(
+                help.contains(&format!("env: {v}=")),
+                "{bin} does not accept {v} (not in --help)"
+            );
+        }
     }
 }
