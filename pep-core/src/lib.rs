@@ -6,6 +6,18 @@
 //! without a network dependency is [`AllowlistPdp`], used for tests and an
 //! explicitly configured standalone mode.
 //!
+//! Modules:
+//! * [`grpc`]: [`GrpcPdp`], the fail-closed gRPC PDP client (deadline →
+//!   [`breaker`] → load shed → concurrency limit → tonic channel) and
+//!   [`fail_closed_outcome`], the one place errors become denies;
+//! * [`cache`]: [`DecisionCache`], valid only while the PDP `Watch` stream is
+//!   up, flushed on every invalidation;
+//! * [`attribution`]: [`Attributor`], client socket → process identity via
+//!   `/proc`;
+//! * [`spool`] / [`shipper`]: [`AuditSpool`], the durable local audit spool,
+//!   and [`Shipper`], which delivers it over `Audit.Append` exactly once;
+//! * [`metrics`]: [`PepMetrics`], registered into the binary's registry.
+//!
 //! Invariant: **a PEP never allows on error.** Every failure to obtain a
 //! definitive answer becomes [`Decision::Deny`] with a `fail_closed:<cause>`
 //! reason (see [`PdpOutcome::fail_closed`]), unless the operator explicitly

@@ -285,3 +285,26 @@ async fn metrics_count_outcomes_by_cause() {
     );
     assert!(out.contains("secureops_pep_pdp_breaker_state 0"), "{out}");
 }
+
+/// Round trip of an uncached Check to a loopback PDP (figure for
+/// BENCH_NOTES.md); asserts every answer is the PDP's allow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_check_latency() {
+    let knobs = new_pdp_knobs();
+    let srv = start_pdp("127.0.0.1:0".parse().unwrap(), knobs.clone());
+    let pdp = GrpcPdp::new(cfg(srv.url()), PepMetrics::new()).unwrap();
+    let _ = pdp.decide(&req("warm.example")).await;
+    let mut lat = Vec::with_capacity(1000);
+    for _ in 0..1000 {
+        let t = Instant::now();
+        let o = pdp.decide(&req("github.com")).await;
+        lat.push(t.elapsed());
+        assert_eq!(o.decision, Decision::Allow, "{o:?}");
+    }
+    lat.sort();
+    println!(
+        "loopback Check via GrpcPdp: p50 {:?} p99 {:?} (1000 sequential calls)",
+        lat[500], lat[989]
+    );
+    assert_eq!(knobs.calls(), 1001);
+}
