@@ -442,12 +442,27 @@ fn check_k8s(docs: &[Value], what: &str) {
         "{what}: without an upstream every allowed name gets SERVFAIL"
     );
     for c in [proxy, dns] {
-        assert_eq!(uid(c), Some(EXEMPT_ID));
-        assert_eq!(
-            c.pointer("/securityContext/runAsNonRoot"),
-            Some(&Value::Bool(true))
-        );
-        assert!(caps(c, "add").is_empty(), "proxy/dns add no capabilities");
+        // Either the brief's unprivileged sidecar (UID 1337, no capabilities)
+        // or, with the process-attribution component, UID 0 holding only
+        // SYS_PTRACE and exempt by GID.
+        let added = caps(c, "add");
+        if added.is_empty() {
+            assert_eq!(uid(c), Some(EXEMPT_ID), "{what}: proxy/dns UID");
+            assert_eq!(
+                c.pointer("/securityContext/runAsNonRoot"),
+                Some(&Value::Bool(true))
+            );
+        } else {
+            assert_eq!(
+                added,
+                BTreeSet::from(["SYS_PTRACE".to_owned()]),
+                "{what}: proxy/dns may add SYS_PTRACE only"
+            );
+            assert!(
+                gid(c).is_some_and(|g| exempt_gids.contains(&g)),
+                "{what}: a root proxy/dns must be exempt by GID"
+            );
+        }
     }
     let sensor = by_name("sensor");
     let sensor_caps = caps(sensor, "add");
@@ -541,6 +556,7 @@ fn kustomize_dirs() -> Vec<PathBuf> {
     let k8s = deploy().join("k8s");
     vec![
         k8s.join("base"),
+        k8s.join("components/process-attribution"),
         k8s.join("overlays/dev"),
         k8s.join("overlays/prod"),
     ]
@@ -557,7 +573,12 @@ fn deploy_kustomizations_reference_existing_files() {
             .filter_map(Value::as_str)
             .collect();
         paths.extend(arr(k, "/patches").iter().filter_map(|p| p["path"].as_str()));
-        assert!(!paths.is_empty(), "{}: empty kustomization", dir.display());
+        paths.extend(arr(k, "/components").iter().filter_map(Value::as_str));
+        assert!(
+            !paths.is_empty() || !arr(k, "/patches").is_empty(),
+            "{}: empty kustomization",
+            dir.display()
+        );
         for p in paths {
             assert!(
                 dir.join(p).exists(),
@@ -613,7 +634,10 @@ fn deploy_k8s_rendered_overlays_validate() {
              (pip install kubernetes-validate); structural checks still run"
         );
     }
-    for dir in kustomize_dirs() {
+    for dir in kustomize_dirs()
+        .into_iter()
+        .filter(|d| !d.ends_with("process-attribution"))
+    {
         let what = dir
             .strip_prefix(deploy())
             .unwrap_or(&dir)
@@ -1113,6 +1137,34 @@ fn deploy_env_vars_known_to_binaries() {
             assert!(
                 help.contains(&format!("env: {v}=")),
                 "{bin} does not accept {v} (not in --help)"
+            );
+        }
+    }
+}
+
+/// Both overlays turn on process attribution (the taint rule needs a PID).
+#[test]
+fn deploy_k8s_overlays_enable_attribution() {
+    for o in ["dev", "prod"] {
+        let Some(text) = kustomize(&deploy().join(format!("k8s/overlays/{o}"))) else {
+            eprintln!("SKIPPED: attribution overlay check: kubectl not installed");
+            return;
+        };
+        let docs = yaml_docs(&text, o);
+        let agent = find(&docs, "Deployment", "agent-example");
+        for n in ["proxy", "dns"] {
+            let c = containers(&agent["spec"]["template"]["spec"])
+                .into_iter()
+                .find(|c| s(c, "/name") == n)
+                .unwrap_or_else(|| panic!("{o}: no {n}"));
+            assert!(
+                caps(c, "add").contains("SYS_PTRACE"),
+                "{o}: {n} cannot attribute"
+            );
+            assert_eq!(
+                caps(c, "drop"),
+                BTreeSet::from(["ALL".to_owned()]),
+                "{o}: {n}"
             );
         }
     }
