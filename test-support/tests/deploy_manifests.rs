@@ -775,17 +775,33 @@ fn deploy_compose_file_structure() {
         .filter_map(Value::as_str)
         .collect();
     assert_eq!(cmd.first(), Some(&"install"));
-    let exempt = cmd
-        .iter()
-        .find_map(|a| a.strip_prefix("--exempt-uid="))
-        .unwrap_or("1337");
+    let ids = |flag: &str| -> BTreeSet<String> {
+        cmd.iter()
+            .filter_map(|a| a.strip_prefix(&format!("{flag}=")))
+            .flat_map(|l| l.split(',').map(str::to_owned))
+            .collect()
+    };
+    let exempt_uids = ids("--exempt-uid");
+    let exempt_gids = ids("--exempt-gid");
     for n in ["sidecar", "sidecar-dns"] {
-        assert_eq!(
-            s(svc(n), "/user"),
-            format!("{exempt}:{exempt}"),
-            "{n} runs exempt"
+        let user = s(svc(n), "/user");
+        let (u, g) = user.split_once(':').unwrap_or((user, ""));
+        let added: BTreeSet<&str> = arr(svc(n), "/cap_add")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(
+            exempt_uids.contains(u) || exempt_gids.contains(g),
+            "{n} ({user}) must run as an exempt UID or GID"
         );
-        assert!(arr(svc(n), "/cap_add").is_empty(), "{n}: no capabilities");
+        assert!(
+            added.is_subset(&BTreeSet::from(["SYS_PTRACE"])),
+            "{n}: capabilities {added:?}"
+        );
+        assert!(
+            arr(svc(n), "/cap_drop").contains(&Value::String("ALL".into())),
+            "{n}: drop ALL"
+        );
         assert_eq!(
             svc(n)["read_only"],
             Value::Bool(true),
@@ -794,8 +810,13 @@ fn deploy_compose_file_structure() {
     }
     let agent_user = s(svc("agent"), "/user");
     let agent_uid = agent_user.split(':').next().unwrap_or("");
+    let agent_gid = agent_user.split(':').nth(1).unwrap_or("");
     assert!(
-        !agent_uid.is_empty() && agent_uid != "0" && agent_uid != exempt,
+        !exempt_gids.contains(agent_gid),
+        "agent GID must not be exempt"
+    );
+    assert!(
+        !agent_uid.is_empty() && agent_uid != "0" && !exempt_uids.contains(agent_uid),
         "agent user `{agent_user}` must be neither root nor exempt"
     );
     let env = |n: &str, k: &str| s(svc(n), &format!("/environment/{k}")).to_owned();
