@@ -86,12 +86,14 @@ enum SessionError {
 /// the records).
 #[derive(Debug)]
 pub struct Shipper {
-    handle: tokio::task::JoinHandle<()>,
+    handle: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Shipper {
     fn drop(&mut self) {
-        self.handle.abort();
+        if let Some(h) = &self.handle {
+            h.abort();
+        }
     }
 }
 
@@ -106,12 +108,25 @@ impl Shipper {
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
         let handle = tokio::spawn(run(spool, cfg, ep));
-        Ok(Shipper { handle })
+        Ok(Shipper {
+            handle: Some(handle),
+        })
     }
 
-    /// Stop the task (also done on drop).
+    /// Stop the task (also done on drop). Unacked records stay spooled.
     pub fn abort(&self) {
-        self.handle.abort();
+        if let Some(h) = &self.handle {
+            h.abort();
+        }
+    }
+
+    /// Stop the task and wait until it is gone (its spool handle released,
+    /// so the spool can be reopened in this process).
+    pub async fn shutdown(mut self) {
+        if let Some(h) = self.handle.take() {
+            h.abort();
+            let _ = h.await;
+        }
     }
 }
 

@@ -87,6 +87,8 @@ pub enum SpoolError {
     Closed,
     #[error("audit record too large ({0} bytes)")]
     TooLarge(usize),
+    #[error("audit spool {0} is in use by another process")]
+    Locked(String),
 }
 
 impl SpoolError {
@@ -129,6 +131,9 @@ struct Shared {
     metrics: PepMetrics,
     /// Serialises watermark persistence + trimming.
     persist_lock: Mutex<()>,
+    /// Exclusive `flock` on `<dir>/lock` for the spool's lifetime: two PEPs
+    /// sharing a spool would hand out the same `source_seq` twice.
+    _dir_lock: nix::fcntl::Flock<File>,
 }
 
 /// Handle to the spool. Cheap to clone; the writer thread stops when the
@@ -225,6 +230,23 @@ fn write_watermark(dir: &Path, seq: u64) -> io::Result<()> {
     fsync_dir(dir)
 }
 
+/// Take the exclusive spool lock. A previous handle in this process may
+/// still be winding down (its writer thread releases the lock when it
+/// exits), so wait a bounded time before reporting the spool as busy.
+fn lock_dir(mut file: File, dir: &Path) -> Result<nix::fcntl::Flock<File>, SpoolError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return Ok(l),
+            Err((f, _)) if std::time::Instant::now() < deadline => {
+                file = f;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => return Err(SpoolError::Locked(dir.display().to_string())),
+        }
+    }
+}
+
 impl AuditSpool {
     /// Open (or create) the spool in `dir`, recover its segments and start
     /// the writer thread. Must run inside a tokio runtime only for the
@@ -241,6 +263,12 @@ impl AuditSpool {
     ) -> Result<AuditSpool, SpoolError> {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir)?;
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))?;
+        let dir_lock = lock_dir(lock_file, &dir)?;
         let watermark = read_watermark(&dir)?;
         let mut names: Vec<(u64, PathBuf)> = Vec::new();
         for ent in fs::read_dir(&dir)? {
@@ -301,6 +329,7 @@ impl AuditSpool {
             last_seq: last_tx,
             metrics,
             persist_lock: Mutex::new(()),
+            _dir_lock: dir_lock,
         });
         shared.update_gauge();
         // Trim what an earlier run acked but did not get to delete.

@@ -101,10 +101,11 @@ async fn replay_across_restart_is_deduplicated() {
     // Run 1: audit down, 10 records spooled, then the PEP "crashes".
     {
         let spool = AuditSpool::open(&spool_dir, SpoolLimits::default()).unwrap();
-        let _shipper = Shipper::spawn(spool.clone(), shipper_cfg(addr, &token)).unwrap();
+        let shipper = Shipper::spawn(spool.clone(), shipper_cfg(addr, &token)).unwrap();
         for i in 0..10 {
             spool.record(finding(&format!("a{i}"))).await.unwrap();
         }
+        shipper.shutdown().await;
     }
     // Run 2: 5 more, audit comes back: all 15 exactly once.
     let log = AuditLog::new("tok");
@@ -124,7 +125,7 @@ async fn replay_across_restart_is_deduplicated() {
         cfg.persist_interval = Duration::from_secs(3600);
         let shipper = Shipper::spawn(spool.clone(), cfg).unwrap();
         assert!(wait_until(Duration::from_secs(10), || spool.unacked_len() == 0).await);
-        shipper.abort();
+        shipper.shutdown().await;
     }
     assert_exactly_once(&log, 15);
     // Run 3: the audit service restarts too; the replayed records are

@@ -212,3 +212,17 @@ async fn concurrent_appends_get_distinct_seqs() {
         conc / 400
     );
 }
+
+#[tokio::test]
+async fn a_spool_is_used_by_one_process_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = AuditSpool::open(dir.path(), SpoolLimits::default()).unwrap();
+    s.record(finding("a")).await.unwrap();
+    let t = Instant::now();
+    let e = AuditSpool::open(dir.path(), SpoolLimits::default()).unwrap_err();
+    assert!(matches!(e, SpoolError::Locked(_)), "{e}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    drop(s);
+    let s = AuditSpool::open(dir.path(), SpoolLimits::default()).unwrap();
+    assert_eq!(s.record(finding("b")).await.unwrap(), 2);
+}
