@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use nix::sched::{CloneFlags, setns};
 use nix::sys::socket::{getsockopt, sockopt};
-use nix::unistd::{Uid, setfsuid};
+use nix::unistd::{Gid, Uid, setfsgid, setfsuid};
 use socket2::{Domain, Protocol, Socket, Type};
 
 const WS_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -44,6 +44,8 @@ const INET_V6: &str = "2001:db8:5ec::2";
 const PROXY_PORT: u16 = 7481;
 const DNS_PORT: u16 = 7453;
 const EXEMPT_UID: u32 = 1337;
+/// Distinct from the UID so that the GID rule is what lets it through.
+const EXEMPT_GID: u32 = 4242;
 const LOCAL_RESOLVER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
 const IO_TIMEOUT: Duration = Duration::from_millis(1500);
 
@@ -559,8 +561,9 @@ fn scenario(backend: &str, tag: &str) {
 
     // 2. Funnel installed (twice: install is idempotent).
     let deny_local = format!("--deny-local={LOCAL_RESOLVER}");
-    lab.funnel_ok(&["install", &backend_flag, &deny_local]);
-    lab.funnel_ok(&["install", &backend_flag, &deny_local]);
+    let exempt_gid = format!("--exempt-gid={EXEMPT_GID}");
+    lab.funnel_ok(&["install", &backend_flag, &deny_local, &exempt_gid]);
+    lab.funnel_ok(&["install", &backend_flag, &deny_local, &exempt_gid]);
     let p = lab.probe_all();
     let c2 = lab.settled_counters();
     assert_eq!(
@@ -620,6 +623,18 @@ fn scenario(backend: &str, tag: &str) {
     );
     assert!(udp_sent, "exempt UID UDP send failed");
     assert_eq!(delta(&c2, &c3, "udp9999"), 1, "exempt UID UDP must arrive");
+    // The exempt GID (a root sensor or PEP holding SYS_PTRACE) passes too.
+    let tcp = lab.ws.run_in(|| {
+        let old = setfsgid(Gid::from_raw(EXEMPT_GID));
+        let tcp = tcp_banner(SocketAddr::new(INET_V4.into(), 8080));
+        setfsgid(old);
+        tcp
+    });
+    assert_eq!(
+        tcp.as_deref(),
+        Some("REAL -"),
+        "exempt GID TCP must pass untouched"
+    );
     // The same identity check did not open the door for the workload: its
     // sockets are still owned by root here.
     let p = lab.probe_all();
