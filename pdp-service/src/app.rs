@@ -188,7 +188,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .register_encoded_file_descriptor_set(secureops_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let decision = DecisionService::new(Arc::clone(&pdp), Arc::clone(&limits), stop_rx.clone());
-    let context = ContextService::new(Arc::clone(&pdp), Arc::clone(&limits));
+    let context = ContextService::new(Arc::clone(&pdp), Arc::clone(&limits), stop_rx.clone());
     let mut stop = stop_rx.clone();
     let data = Server::builder()
         .add_service(health_svc)
@@ -229,9 +229,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut data_task = tokio::spawn(data);
     let mut admin_task = tokio::spawn(admin);
+    // Ready before announcing: whoever learns the address from the
+    // LISTENING line finds /readyz already true (both sockets are bound and
+    // the servers spawned, so connections are accepted from here on).
+    readiness.set(true);
     announce_listener("grpc", grpc_addr);
     announce_listener("admin", admin_addr);
-    readiness.set(true);
     tracing::info!(
         grpc = %grpc_addr,
         admin = %admin_addr,

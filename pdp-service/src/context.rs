@@ -712,11 +712,11 @@ mod tests {
         let s = store(10);
         assert!(!s.sensor_alive("w"));
         assert_eq!(
-            s.heartbeat("w", Duration::from_millis(20)),
+            s.heartbeat("w", Duration::from_millis(300)),
             ContextChange::SensorAlive
         );
         assert!(s.sensor_alive("w"));
-        std::thread::sleep(Duration::from_millis(80));
+        std::thread::sleep(Duration::from_millis(950));
         assert!(!s.sensor_alive("w"));
         assert_eq!(s.sweep_sensors(), vec!["w".to_owned()]);
         assert!(s.sweep_sensors().is_empty());

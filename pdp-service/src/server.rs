@@ -310,12 +310,19 @@ impl PolicyDecision for DecisionService {
 pub struct ContextService {
     pdp: Arc<Pdp>,
     limits: Arc<Limits>,
+    shutdown: watch::Receiver<bool>,
 }
 
 impl ContextService {
-    /// New service over shared state.
-    pub fn new(pdp: Arc<Pdp>, limits: Arc<Limits>) -> Self {
-        ContextService { pdp, limits }
+    /// New service over shared state; long-lived report streams end when
+    /// `shutdown` becomes true (so a graceful shutdown is not held open by
+    /// connected sensors).
+    pub fn new(pdp: Arc<Pdp>, limits: Arc<Limits>, shutdown: watch::Receiver<bool>) -> Self {
+        ContextService {
+            pdp,
+            limits,
+            shutdown,
+        }
     }
 
     /// Validate and apply one event; publish what it changed.
@@ -399,7 +406,17 @@ impl ProcessContext for ContextService {
     ) -> Result<Response<ReportSummary>, Status> {
         let mut stream = request.into_inner();
         let mut summary = ReportSummary::default();
-        while let Some(ev) = stream.message().await? {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let ev = tokio::select! {
+                m = stream.message() => match m? {
+                    Some(ev) => ev,
+                    None => break,
+                },
+                _ = shutdown.changed() => {
+                    return Err(Status::unavailable("PDP shutting down"));
+                }
+            };
             summary.last_seq = ev.seq;
             match self.apply(&ev) {
                 Ok(()) => summary.accepted += 1,
@@ -421,9 +438,17 @@ impl ProcessContext for ContextService {
         let mut stream = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<EventAck, Status>>(256);
         let me = self.clone();
+        let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             loop {
-                let msg = match stream.message().await {
+                let next = tokio::select! {
+                    m = stream.message() => m,
+                    _ = shutdown.changed() => {
+                        let _ = tx.send(Err(Status::unavailable("PDP shutting down"))).await;
+                        break;
+                    }
+                };
+                let msg = match next {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(s) => {

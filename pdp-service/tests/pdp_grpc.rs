@@ -931,13 +931,36 @@ async fn sigterm_with_open_watch_exits_gracefully() {
         .expect("watch")
         .into_inner();
     assert_eq!(next(&mut w).await.kind, Kind::Hello as i32);
+    // A connected sensor (open ReportAcked stream) does not hold shutdown.
+    let mut ctx = pdp.context().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut acks = ctx
+        .report_acked(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("report_acked")
+        .into_inner();
+    tx.send(heartbeat("w", 1, 1000)).await.expect("send");
+    assert_eq!(acks.message().await.expect("ack").map(|a| a.seq), Some(1));
     let t = Instant::now();
     let st = pdp.svc.terminate(Duration::from_secs(10));
     assert!(st.is_some_and(|s| s.success()), "{st:?}");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     // The watcher learns the stream is gone (and would flush its cache).
-    let end = tokio::time::timeout(Duration::from_secs(5), w.message()).await;
+    // (after the CONTEXT_CHANGED the heartbeat caused).
+    let mut end = None;
+    for _ in 0..10 {
+        match tokio::time::timeout(Duration::from_secs(5), w.message()).await {
+            Ok(Ok(Some(m))) => assert_eq!(m.kind, Kind::ContextChanged as i32, "{m:?}"),
+            other => {
+                end = Some(other);
+                break;
+            }
+        }
+    }
+    assert!(matches!(end, Some(Ok(Err(_)) | Ok(Ok(None)))), "{end:?}");
+    let end = tokio::time::timeout(Duration::from_secs(5), acks.message()).await;
     assert!(matches!(end, Ok(Err(_)) | Ok(Ok(None))), "{end:?}");
+    drop(tx);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
