@@ -1014,3 +1014,39 @@ async fn both_listeners_serve_health_and_reflection() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_mode_and_default_escalate() {
+    let d = data_dir();
+    let pdp = spawn_with_policy(
+        d.path(),
+        "version: 1\nmode: report\ndefault: deny\negress_allowlist:\n  - github.com\n",
+    );
+    let mut c = pdp.decision().await;
+    let r = check(&mut c, req("w", "evil.example", 443)).await;
+    assert!(allow(&r), "report mode allows: {r:?}");
+    assert!(r.would_deny, "{r:?}");
+    let r = check(&mut c, req("w", "github.com", 443)).await;
+    assert!(allow(&r) && !r.would_deny, "{r:?}");
+
+    let mut a = pdp.admin().await;
+    let p = put(
+        &mut a,
+        "version: 1\nmode: enforce\ndefault: escalate\negress_allowlist:\n  - github.com\n",
+    )
+    .await;
+    assert!(p.accepted, "{p:?}");
+    let r = check(&mut c, req("w", "unknown.example", 8080)).await;
+    assert_eq!(r.decision, Verdict::Escalate as i32, "{r:?}");
+    assert!(r.rule_id.is_empty());
+    assert!(!r.escalation_id.is_empty());
+    let l = a
+        .list_escalations(ListEscalationsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .escalations;
+    assert_eq!(l.len(), 1);
+    assert_eq!((l[0].host.as_str(), l[0].port), ("unknown.example", 8080));
+    assert_eq!(l[0].first_process.as_ref().map(|p| p.pid), Some(4000));
+}
