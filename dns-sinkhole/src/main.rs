@@ -55,6 +55,9 @@ struct Args {
     /// (then every query is sinkholed with `fail_closed:audit_spool`).
     #[arg(long, env = "SECUREOPS_SPOOL_MAX_RECORDS", default_value_t = 1_000_000)]
     spool_max_records: u64,
+    /// Bytes of spool segments on disk before the spool refuses new records.
+    #[arg(long, env = "SECUREOPS_SPOOL_MAX_BYTES", default_value_t = 256 << 20)]
+    spool_max_bytes: u64,
     /// Workload this sinkhole enforces for.
     #[arg(long, env = "SECUREOPS_WORKLOAD", default_value = "default")]
     workload: String,
@@ -136,11 +139,19 @@ fn main() -> anyhow::Result<()> {
     } else {
         args.threads
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-        .context("building the tokio runtime")?;
+    // One core: a current-thread runtime avoids cross-thread wake-ups
+    // between the block_on thread and a single worker.
+    let rt = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+    .context("building the tokio runtime")?;
     rt.block_on(run(args, threads))
 }
 
@@ -193,6 +204,7 @@ async fn run(args: Args, threads: usize) -> anyhow::Result<()> {
                 dir,
                 SpoolLimits {
                     max_records: args.spool_max_records,
+                    max_bytes: args.spool_max_bytes,
                     ..SpoolLimits::default()
                 },
                 pep_metrics.clone(),
@@ -288,7 +300,8 @@ async fn run(args: Args, threads: usize) -> anyhow::Result<()> {
         tracing::warn!("--fail-mode open: PDP failures ALLOW queries (audited as fail_open)");
     }
 
-    let mut server = secureops_dns::server::serve(sinkhole, listeners, Duration::from_secs(10));
+    let mut server =
+        secureops_dns::server::serve(Arc::new(sinkhole), listeners, Duration::from_secs(10));
     let readiness = Readiness::new();
     if let Some(m) = args.metrics_listen {
         serve_ops(m, Arc::new(registry), readiness.clone()).await?;

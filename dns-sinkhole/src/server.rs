@@ -4,8 +4,16 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use hickory_server::Server;
-use hickory_server::server::RequestHandler;
+use hickory_server::net::NetError;
+use hickory_server::net::runtime::{Time, TokioTime};
+use hickory_server::net::xfer::Protocol as XProtocol;
+use hickory_server::proto::rr::Record;
+use hickory_server::proto::serialize::binary::BinEncoder;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponse;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, UdpSocket};
 
@@ -71,17 +79,132 @@ pub fn bind(addr: SocketAddr, udp_sockets: usize) -> io::Result<Listeners> {
     Err(last_err)
 }
 
-/// Register the listeners with a hickory [`Server`] serving `handler`.
-/// `tcp_timeout` bounds idle TCP connections.
+/// Serve `handler`: TCP through a hickory [`Server`] (`tcp_timeout` bounds
+/// idle connections), UDP through [`serve_udp`] loops (one per socket).
 pub fn serve<H: RequestHandler>(
-    handler: H,
+    handler: Arc<H>,
     listeners: Listeners,
     tcp_timeout: Duration,
-) -> Server<H> {
-    let mut server = Server::new(handler);
+) -> Server<Shared<H>> {
     for s in listeners.udp {
-        server.register_socket(s);
+        tokio::spawn(serve_udp(handler.clone(), s));
     }
+    let mut server = Server::new(Shared(handler));
     server.register_listener(listeners.tcp, tcp_timeout, 64);
     server
+}
+
+/// Share one handler between hickory's TCP server and the UDP loops.
+pub struct Shared<H>(pub Arc<H>);
+
+#[async_trait::async_trait]
+impl<H: RequestHandler> RequestHandler for Shared<H> {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        response_handle: R,
+    ) -> ResponseInfo {
+        self.0
+            .handle_request::<R, T>(request, response_handle)
+            .await
+    }
+}
+
+/// Sends one UDP answer, truncated (TC) to what the client can take: its
+/// EDNS payload size (512 without EDNS), capped at 4096.
+#[derive(Clone)]
+struct UdpResponder {
+    socket: Arc<UdpSocket>,
+    dst: SocketAddr,
+    limit: u16,
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for UdpResponder {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let mut bytes = Vec::with_capacity(512);
+        let mut enc = BinEncoder::new(&mut bytes);
+        enc.set_max_size(self.limit);
+        let info = response
+            .destructive_emit(&mut enc)
+            .map_err(|e| NetError::from(e.to_string()))?;
+        self.socket.send_to(&bytes, self.dst).await?;
+        Ok(info)
+    }
+}
+
+/// FORMERR for a datagram whose header parsed but whose body did not
+/// (compression loops, bad labels, junk): id and opcode echoed, no records.
+fn formerr(raw: &[u8]) -> Option<Vec<u8>> {
+    let h = raw.get(..12)?;
+    let mut out = vec![0u8; 12];
+    out[0] = h[0];
+    out[1] = h[1];
+    // QR=1, opcode echoed, RD echoed; RA=1; rcode FORMERR.
+    out[2] = 0x80 | (h[2] & 0x78) | (h[2] & 0x01);
+    out[3] = 0x80 | 0x01;
+    Some(out)
+}
+
+/// Serve UDP on `socket` without hickory's per-socket stream machinery:
+/// one receive loop, one task per datagram (it may wait for the PDP, the
+/// audit spool and the upstream), answers sent straight from that task.
+/// Parsing and the request handling are hickory's (`Request::from_bytes`,
+/// the same [`RequestHandler`] as TCP); what is saved is the channel hop
+/// and the per-message buffer copies of `UdpStream`.
+pub async fn serve_udp<H: RequestHandler>(handler: Arc<H>, socket: UdpSocket) {
+    let socket = Arc::new(socket);
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let (n, src) = match socket.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "udp recv");
+                continue;
+            }
+        };
+        // Shorter than a header, a response (no reflection), or a source
+        // we cannot answer: drop.
+        if n < 12 || buf[2] & 0x80 != 0 || src.port() == 0 {
+            continue;
+        }
+        let raw = buf[..n].to_vec();
+        let mut head = [0u8; 12];
+        head.copy_from_slice(&buf[..12]);
+        let handler = handler.clone();
+        let socket = socket.clone();
+        tokio::spawn(async move {
+            match Request::from_bytes(raw, src, XProtocol::Udp) {
+                Ok(req) => {
+                    let limit = req
+                        .edns
+                        .as_ref()
+                        .map_or(512, |e| e.max_payload().clamp(512, 4096));
+                    let responder = UdpResponder {
+                        socket,
+                        dst: src,
+                        limit,
+                    };
+                    handler
+                        .handle_request::<_, TokioTime>(&req, responder)
+                        .await;
+                }
+                Err(_) => {
+                    if let Some(out) = formerr(&head) {
+                        let _ = socket.send_to(&out, src).await;
+                    }
+                }
+            }
+        });
+    }
 }
