@@ -288,18 +288,33 @@ impl TlsServer {
             .stderr(Stdio::null());
         let mut child = cmd.spawn().expect("openssl s_server");
         let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
+        // Read on a helper thread so a silent s_server cannot hang the test.
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    // Receiver gone: keep draining.
+                }
+            }
+        });
         let deadline = Instant::now() + Duration::from_secs(10);
         let addr = loop {
-            assert!(Instant::now() < deadline, "s_server did not start");
-            let Some(Ok(line)) = lines.next() else {
-                panic!("s_server exited");
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = rx.recv_timeout(left) else {
+                let _ = child.kill();
+                panic!("s_server did not start");
             };
-            if let Some(a) = line.strip_prefix("ACCEPT ") {
-                break a.trim().parse::<SocketAddr>().expect("ACCEPT addr");
+            // `ACCEPT 127.0.0.1:PORT` for port 0, bare `ACCEPT` otherwise.
+            if let Some(rest) = line.strip_prefix("ACCEPT") {
+                let rest = rest.trim();
+                break if rest.is_empty() {
+                    accept.parse::<SocketAddr>().expect("accept addr")
+                } else {
+                    rest.parse::<SocketAddr>().expect("ACCEPT addr")
+                };
             }
         };
-        std::thread::spawn(move || for _ in lines {});
         TlsServer { child, addr }
     }
 }
