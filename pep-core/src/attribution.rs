@@ -19,7 +19,7 @@
 //! Limitation: `/proc/net/*` shows the sockets of the *reader's* network
 //! namespace; a client in another namespace is not found (pid 0).
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -59,8 +59,9 @@ impl Default for AttributionLimits {
 pub struct Attributor {
     proc_root: PathBuf,
     limits: AttributionLimits,
-    /// Pids that owned recently attributed sockets, most recent first.
-    recent: Arc<Mutex<VecDeque<u32>>>,
+    /// Pids that owned recently attributed sockets (with the fd numbers
+    /// they had then), most recent first.
+    recent: Arc<Mutex<VecDeque<(u32, HashSet<u32>)>>>,
 }
 
 impl Default for Attributor {
@@ -194,11 +195,11 @@ impl Attributor {
     /// The process (thread-group leader) holding socket `inode`.
     pub fn pid_of_inode(&self, inode: u64) -> Option<u32> {
         let target = format!("socket:[{inode}]");
-        let hints: Vec<u32> = self.recent.lock().iter().copied().collect();
+        let hints: Vec<(u32, HashSet<u32>)> = self.recent.lock().iter().cloned().collect();
         let mut budget = self.limits.max_fds_scanned;
-        for pid in &hints {
-            if self.pid_has(*pid, &target, &mut budget) {
-                self.remember(*pid);
+        for (pid, known) in &hints {
+            if let Some(fds) = self.pid_has(*pid, &target, &mut budget, Some(known)) {
+                self.remember(*pid, fds);
                 return Some(*pid);
             }
         }
@@ -208,46 +209,63 @@ impl Attributor {
             let Some(pid) = ent.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                 continue;
             };
-            if hints.contains(&pid) {
+            if hints.iter().any(|(p, _)| *p == pid) {
                 continue;
             }
             if budget == 0 {
                 tracing::debug!(inode, "attribution: fd scan budget exhausted");
                 return None;
             }
-            if self.pid_has(pid, &target, &mut budget) {
-                self.remember(pid);
+            if let Some(fds) = self.pid_has(pid, &target, &mut budget, None) {
+                self.remember(pid, fds);
                 return Some(pid);
             }
         }
         None
     }
 
-    fn remember(&self, pid: u32) {
+    fn remember(&self, pid: u32, fds: HashSet<u32>) {
         let mut r = self.recent.lock();
-        r.retain(|p| *p != pid);
-        r.push_front(pid);
+        r.retain(|(p, _)| *p != pid);
+        r.push_front((pid, fds));
         r.truncate(RECENT);
     }
 
-    fn pid_has(&self, pid: u32, target: &str, budget: &mut usize) -> bool {
+    /// Whether `pid` holds `target`; on success, the fd numbers it has now.
+    ///
+    /// With `known` (the fds seen at this pid's previous match), fds that
+    /// are new since then are examined first: a process that keeps opening
+    /// connections is found after a handful of `readlink`s instead of one
+    /// per open fd. The known fds are examined next (an fd number may have
+    /// been closed and reused), so the answer never depends on the hint.
+    fn pid_has(
+        &self,
+        pid: u32,
+        target: &str,
+        budget: &mut usize,
+        known: Option<&HashSet<u32>>,
+    ) -> Option<HashSet<u32>> {
         let fd_dir = self.proc_root.join(pid.to_string()).join("fd");
-        let Ok(rd) = fs::read_dir(fd_dir) else {
-            return false;
-        };
-        for ent in rd {
+        let rd = fs::read_dir(&fd_dir).ok()?;
+        let fds: HashSet<u32> = rd
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        let empty = HashSet::new();
+        let known = known.unwrap_or(&empty);
+        let fresh = fds.iter().filter(|fd| !known.contains(fd));
+        let old = fds.iter().filter(|fd| known.contains(fd));
+        for fd in fresh.chain(old) {
             if *budget == 0 {
-                return false;
+                return None;
             }
             *budget -= 1;
-            let Ok(ent) = ent else { continue };
-            if let Ok(link) = fs::read_link(ent.path())
+            if let Ok(link) = fs::read_link(fd_dir.join(fd.to_string()))
                 && link.as_os_str() == target
             {
-                return true;
+                return Some(fds);
             }
         }
-        false
+        None
     }
 
     /// Everything readable about `pid`; fields stay empty/zero when the
