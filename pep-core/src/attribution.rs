@@ -61,7 +61,7 @@ pub struct Attributor {
     limits: AttributionLimits,
     /// Pids that owned recently attributed sockets (with the fd numbers
     /// they had then), most recent first.
-    recent: Arc<Mutex<VecDeque<(u32, HashSet<u32>)>>>,
+    recent: Arc<Mutex<VecDeque<PidHint>>>,
 }
 
 impl Default for Attributor {
@@ -71,6 +71,9 @@ impl Default for Attributor {
 }
 
 const RECENT: usize = 16;
+
+/// A pid that recently owned an attributed socket, with its fd numbers then.
+type PidHint = (u32, HashSet<u32>);
 
 /// Transport of the socket to find.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
