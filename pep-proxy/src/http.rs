@@ -120,7 +120,8 @@ async fn serve(ctx: Arc<Ctx>, stream: TcpStream, buffered: Vec<u8>) -> Result<()
         // hyper already answered 400/431; record the attempt once.
         let req = ctx
             .proxy
-            .unparsed_request(ctx.peer, ctx.local, "-", HostSource::HttpHost);
+            .unparsed_request(ctx.peer, ctx.local, "-", HostSource::HttpHost)
+            .await;
         let reason = if e.is_parse_too_large() {
             "header_too_large"
         } else {
@@ -162,7 +163,8 @@ impl Ctx {
     ) -> Response<Body> {
         let req = self
             .proxy
-            .unparsed_request(self.peer, self.local, seen, HostSource::HttpHost);
+            .unparsed_request(self.peer, self.local, seen, HostSource::HttpHost)
+            .await;
         let mut v = Verdict {
             req,
             outcome: PdpOutcome::new(Decision::Deny, reason),
@@ -220,7 +222,7 @@ impl Ctx {
                 .await;
         }
         let ph = PeekedHost::from_authority(&uri.authority, HostSource::HttpHost);
-        let mut creq = self.proxy.new_request(self.peer, self.local, &ph);
+        let mut creq = self.proxy.new_request(self.peer, self.local, &ph).await;
         let outcome = self.proxy.decide(&mut creq, uri.authority.ip_literal).await;
         let mut v = Verdict {
             req: creq,
@@ -315,7 +317,7 @@ impl Ctx {
             return self.forward(req, orig, &origin_form, &authority).await;
         }
         let ph = PeekedHost::from_authority(&authority, HostSource::HttpHost);
-        let mut creq = self.proxy.new_request(self.peer, self.local, &ph);
+        let mut creq = self.proxy.new_request(self.peer, self.local, &ph).await;
         creq.ip = Some(orig.ip());
         let outcome = match authority.ip_literal {
             Some(lit) if lit != orig.ip() => PdpOutcome::new(Decision::Deny, "host_ip_mismatch"),

@@ -202,13 +202,6 @@ impl Default for ProxyConfig {
     }
 }
 
-/// Maps a client socket to the process behind it (DESIGN §6). Implemented
-/// by pep-core's `/proc` attribution; the proxy works (with pid 0,
-/// "unattributed") when none is configured.
-pub trait Attributor: Send + Sync {
-    fn attribute(&self, peer: SocketAddr, local: SocketAddr) -> ProcessIdentity;
-}
-
 /// Local forward proxy that authorizes every outbound connection.
 pub struct EgressProxy {
     cfg: ProxyConfig,
@@ -216,7 +209,8 @@ pub struct EgressProxy {
     audit: Arc<dyn AuditSink>,
     resolver: Resolver,
     metrics: ProxyMetrics,
-    attributor: Option<Arc<dyn Attributor>>,
+    /// Client socket → process (DESIGN §6); `None` ⇒ pid 0 ("unattributed").
+    attributor: Option<secureops_pep::Attributor>,
     next_id: AtomicU64,
     id_prefix: String,
 }
@@ -263,8 +257,9 @@ impl EgressProxy {
         }
     }
 
-    /// Use `a` to attribute client sockets to processes.
-    pub fn with_attributor(mut self, a: Arc<dyn Attributor>) -> Self {
+    /// Use `a` (pep-core's `/proc` attribution) to attribute client
+    /// sockets to processes.
+    pub fn with_attributor(mut self, a: secureops_pep::Attributor) -> Self {
         self.attributor = Some(a);
         self
     }
@@ -294,14 +289,14 @@ impl EgressProxy {
         )
     }
 
-    fn new_request(
+    async fn new_request(
         &self,
         peer: SocketAddr,
         local: SocketAddr,
         ph: &PeekedHost,
     ) -> ConnectionRequest {
         let process = match &self.attributor {
-            Some(a) => a.attribute(peer, local),
+            Some(a) => a.attribute_tcp_async(local, peer).await,
             None => ProcessIdentity::default(),
         };
         ConnectionRequest {
@@ -319,7 +314,7 @@ impl EgressProxy {
 
     /// A request for an attempt that could not even be parsed: host is
     /// whatever was seen (bounded), source unspecified.
-    fn unparsed_request(
+    async fn unparsed_request(
         &self,
         peer: SocketAddr,
         local: SocketAddr,
@@ -336,7 +331,7 @@ impl EgressProxy {
             source,
             ip: None,
         };
-        self.new_request(peer, local, &ph)
+        self.new_request(peer, local, &ph).await
     }
 
     /// Resolve (names only), fill `resolved_ips`/`ip`, ask the PDP.
@@ -685,7 +680,9 @@ pub async fn handle_connection(
             reason,
             seen,
         } => {
-            let req = proxy.unparsed_request(peer, local, &seen, HostSource::Unspecified);
+            let req = proxy
+                .unparsed_request(peer, local, &seen, HostSource::Unspecified)
+                .await;
             let mut v = Verdict {
                 req,
                 outcome: PdpOutcome::new(Decision::Deny, reason),
@@ -709,7 +706,9 @@ pub async fn handle_connection(
         } else {
             e.reason()
         };
-        let req = proxy.unparsed_request(peer, local, &head.target, HostSource::HttpHost);
+        let req = proxy
+            .unparsed_request(peer, local, &head.target, HostSource::HttpHost)
+            .await;
         let mut v = Verdict {
             req,
             outcome: PdpOutcome::new(Decision::Deny, reason),
@@ -738,7 +737,9 @@ async fn handle_connect(
     let authority = match parse_authority(&head.target, None) {
         Ok(a) => a,
         Err(e) => {
-            let req = proxy.unparsed_request(peer, local, &head.target, HostSource::Connect);
+            let req = proxy
+                .unparsed_request(peer, local, &head.target, HostSource::Connect)
+                .await;
             let mut v = Verdict {
                 req,
                 outcome: PdpOutcome::new(Decision::Deny, e.reason()),
@@ -755,7 +756,7 @@ async fn handle_connect(
         }
     };
     let ph = PeekedHost::from_authority(&authority, HostSource::Connect);
-    let mut req = proxy.new_request(peer, local, &ph);
+    let mut req = proxy.new_request(peer, local, &ph).await;
     let outcome = proxy.decide(&mut req, authority.ip_literal).await;
     if !outcome.decision.is_allow() {
         let mut v = Verdict {
@@ -866,7 +867,9 @@ pub async fn handle_transparent(
         _ => {
             // Connected straight to the transparent port (no redirect): there
             // is no destination to decide, and dialling ourselves would loop.
-            let req = proxy.unparsed_request(peer, local, "-", HostSource::OriginalDst);
+            let req = proxy
+                .unparsed_request(peer, local, "-", HostSource::OriginalDst)
+                .await;
             let mut v = Verdict {
                 req,
                 outcome: PdpOutcome::new(Decision::Deny, "no_original_dst"),
@@ -935,7 +938,8 @@ pub async fn handle_transparent(
         _ => (ip_only.clone(), None),
     };
     let literal = ph.ip;
-    let mut req = proxy.new_request(peer, local, &ph);
+    // Attribution looks the client socket up by (peer → original dst).
+    let mut req = proxy.new_request(peer, orig, &ph).await;
     req.ip = Some(orig.ip());
     let outcome = if let Some(reason) = early {
         PdpOutcome::new(Decision::Deny, reason)
@@ -995,7 +999,7 @@ pub async fn handle_transparent(
             host: ph.host.clone(),
             port: ph.port,
         };
-        return http::serve_transparent(proxy, stream, peer, local, orig, first, first_key).await;
+        return http::serve_transparent(proxy, stream, peer, orig, orig, first, first_key).await;
     }
     proxy
         .open_tunnel(stream, orig.ip(), orig.port(), first)

@@ -104,6 +104,10 @@ struct Args {
     /// Grace period for open connections at shutdown.
     #[arg(long, env = "SECUREOPS_SHUTDOWN_GRACE_MS", default_value_t = 5000)]
     shutdown_grace_ms: u64,
+    /// Do not attribute client sockets to processes (/proc lookups); every
+    /// request then carries pid 0 and process rules cannot match.
+    #[arg(long, env = "SECUREOPS_NO_ATTRIBUTION")]
+    no_attribution: bool,
     /// Tokio worker threads (default: one per core).
     #[arg(long, env = "SECUREOPS_WORKER_THREADS")]
     worker_threads: Option<usize>,
@@ -200,7 +204,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         upstream_mark: args.upstream_mark,
     };
-    let proxy = Arc::new(EgressProxy::new(cfg, pdp, audit, resolver, metrics));
+    let mut proxy = EgressProxy::new(cfg, pdp, audit, resolver, metrics);
+    if args.no_attribution {
+        tracing::warn!("--no-attribution: requests carry no process identity");
+    } else {
+        proxy = proxy.with_attributor(secureops_pep::Attributor::new());
+    }
+    let proxy = Arc::new(proxy);
     tracing::info!(tier = %tier, "enforcement tier");
 
     let readiness = Readiness::new();

@@ -47,7 +47,7 @@ impl Proxy {
             cmd.arg("--audit-log").arg(&audit_log);
         }
         cmd.args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
