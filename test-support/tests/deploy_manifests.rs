@@ -1190,3 +1190,74 @@ fn deploy_k8s_overlays_enable_attribution() {
         }
     }
 }
+
+/// The builder image's Rust is new enough for every locked dependency's
+/// `rust-version` (read from the local cargo registry sources).
+#[test]
+fn deploy_builder_rust_is_new_enough() {
+    let text = read(&deploy().join("Dockerfile"));
+    let Some(tag) = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ARG BASE_IMAGE=rust:"))
+    else {
+        panic!("ARG BASE_IMAGE=rust:<version>-... missing");
+    };
+    let ver = |s: &str| -> (u32, u32) {
+        let mut it = s.split(['.', '-']).map(|x| x.parse::<u32>().unwrap_or(0));
+        (it.next().unwrap_or(0), it.next().unwrap_or(0))
+    };
+    let base = ver(tag);
+    let cargo_home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo")
+        });
+    let Ok(indexes) = std::fs::read_dir(cargo_home.join("registry/src")) else {
+        eprintln!("SKIPPED: builder Rust check: no cargo registry sources");
+        return;
+    };
+    let srcs: Vec<PathBuf> = indexes.flatten().map(|e| e.path()).collect();
+    let lock = read(&repo().join("Cargo.lock"));
+    let mut checked = 0;
+    let mut need = ((0, 0), String::new());
+    for pkg in lock.split("[[package]]") {
+        let field = |k: &str| {
+            pkg.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k} = \"")))
+                .map(|v| v.trim_end_matches('"').to_owned())
+        };
+        let (Some(name), Some(version), Some(_)) =
+            (field("name"), field("version"), field("source"))
+        else {
+            continue;
+        };
+        for src in &srcs {
+            let Ok(toml) =
+                std::fs::read_to_string(src.join(format!("{name}-{version}/Cargo.toml")))
+            else {
+                continue;
+            };
+            checked += 1;
+            if let Some(rv) = toml
+                .lines()
+                .find_map(|l| l.strip_prefix("rust-version = \""))
+                .map(|v| ver(v.trim_end_matches('"')))
+                && rv > need.0
+            {
+                need = (rv, format!("{name} {version}"));
+            }
+            break;
+        }
+    }
+    if checked == 0 {
+        eprintln!("SKIPPED: builder Rust check: locked packages not in the registry sources");
+        return;
+    }
+    assert!(
+        base >= need.0,
+        "BASE_IMAGE rust:{tag} is older than {}.{} required by {}",
+        need.0.0,
+        need.0.1,
+        need.1
+    );
+}
