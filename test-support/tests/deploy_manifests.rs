@@ -530,10 +530,19 @@ fn check_k8s(docs: &[Value], what: &str) {
         for p in &peers {
             assert!(
                 labels_match(&p["podSelector"], agent_labels)
-                    && p["podSelector"]["matchLabels"][SIDECAR_LABEL] == "true",
+                    && p["podSelector"]["matchLabels"][SIDECAR_LABEL] == "true"
+                    && p["namespaceSelector"]["matchLabels"]["secureops.io/agents"] == "true",
                 "{what}: port {port} open to a peer that is not a sidecar pod: {p}"
             );
         }
+    }
+    // The namespace the agent template is deployed to qualifies as an agents
+    // namespace (otherwise its own sidecars would be cut off).
+    if let Some(ns) = docs.iter().find(|d| s(d, "/kind") == "Namespace") {
+        assert_eq!(
+            ns["metadata"]["labels"]["secureops.io/agents"], "true",
+            "{what}"
+        );
     }
     let admin_peers = peers_for(pdp_labels, PDP_ADMIN);
     assert!(
