@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::BufMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -640,14 +641,21 @@ async fn peek_window(
         if buf.len() >= max {
             return PeekEnd::Full;
         }
+        // Wait for bytes *before* reserving buffer space: a silent
+        // (server-first) client costs no buffer during the window.
+        match tokio::time::timeout_at(deadline, stream.readable()).await {
+            Err(_) => return PeekEnd::TimedOut(classify(buf)),
+            Ok(Err(_)) => return PeekEnd::Closed(classify(buf)),
+            Ok(Ok(())) => {}
+        }
         let want = (max - buf.len()).min(4096);
         buf.reserve_exact(want);
-        match tokio::time::timeout_at(deadline, (&mut *stream).take(want as u64).read_buf(buf))
-            .await
-        {
-            Err(_) => return PeekEnd::TimedOut(classify(buf)),
-            Ok(Ok(0)) | Ok(Err(_)) => return PeekEnd::Closed(classify(buf)),
-            Ok(Ok(_)) => {}
+        let mut limited = (&mut *buf).limit(want);
+        match stream.try_read_buf(&mut limited) {
+            Ok(0) => return PeekEnd::Closed(classify(buf)),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return PeekEnd::Closed(classify(buf)),
         }
     }
 }

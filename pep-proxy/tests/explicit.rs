@@ -81,7 +81,11 @@ fn denied_host_gets_403_and_upstream_sees_nothing() {
     }
     // Attribution: the raw attempt came from this very test process.
     assert_eq!(recs[1]["pid"], std::process::id(), "{:#?}", recs[1]);
-    assert!(recs[1]["process_start_time"].as_u64().is_some_and(|t| t > 0));
+    assert!(
+        recs[1]["process_start_time"]
+            .as_u64()
+            .is_some_and(|t| t > 0)
+    );
     assert_eq!(up.conns(), 0, "upstream was contacted");
     assert_eq!(up.bytes(), 0);
 }
