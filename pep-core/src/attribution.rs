@@ -1,9 +1,10 @@
 //! Process attribution: which local process is behind a client socket
 //! (DESIGN.md §6).
 //!
-//! 1. Find the *client-side* socket in `/proc/net/{tcp,tcp6,udp,udp6}`: its
-//!    local address is the peer address of our accepted connection (or the
-//!    source of a DNS datagram), its remote address is our listener.
+//! 1. Find the *client-side* socket: its local address is the peer address
+//!    of our accepted connection (or the source of a DNS datagram), its
+//!    remote address is our listener. TCP: one exact `NETLINK_SOCK_DIAG`
+//!    lookup (O(1)); fallback and UDP: scan `/proc/net/{tcp,udp}{,6}`.
 //! 2. Find the process holding that socket inode by scanning
 //!    `/proc/<pid>/fd` (bounded; pids that recently matched are tried first,
 //!    since an agent opens many connections from the same process).
@@ -73,7 +74,8 @@ impl Default for Attributor {
 const RECENT: usize = 16;
 
 /// A pid that recently owned an attributed socket, with its fd numbers then.
-type PidHint = (u32, HashSet<u32>);
+/// (`Arc`: hints are copied out of the lock on every lookup.)
+type PidHint = (u32, Arc<HashSet<u32>>);
 
 /// Transport of the socket to find.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +157,23 @@ impl Attributor {
     ) -> Option<u64> {
         let client = canonical(client);
         let server = server.map(canonical);
+        if kind == SocketKind::Tcp
+            && let Some(server) = server
+            && let Some(inode) = crate::sockdiag::tcp_inode(client, server)
+        {
+            return Some(inode);
+        }
+        self.proc_socket_inode(kind, client, server)
+    }
+
+    /// The `/proc/net` scan behind [`Attributor::find_socket_inode`]
+    /// (addresses already canonical).
+    pub(crate) fn proc_socket_inode(
+        &self,
+        kind: SocketKind,
+        client: SocketAddr,
+        server: Option<SocketAddr>,
+    ) -> Option<u64> {
         let files: &[&str] = match kind {
             SocketKind::Tcp => &["net/tcp", "net/tcp6"],
             SocketKind::Udp => &["net/udp", "net/udp6"],
@@ -198,10 +217,10 @@ impl Attributor {
     /// The process (thread-group leader) holding socket `inode`.
     pub fn pid_of_inode(&self, inode: u64) -> Option<u32> {
         let target = format!("socket:[{inode}]");
-        let hints: Vec<(u32, HashSet<u32>)> = self.recent.lock().iter().cloned().collect();
+        let hints: Vec<PidHint> = self.recent.lock().iter().cloned().collect();
         let mut budget = self.limits.max_fds_scanned;
         for (pid, known) in &hints {
-            if let Some(fds) = self.pid_has(*pid, &target, &mut budget, Some(known)) {
+            if let Some(fds) = self.pid_has(*pid, &target, &mut budget, Some(&**known)) {
                 self.remember(*pid, fds);
                 return Some(*pid);
             }
@@ -230,7 +249,7 @@ impl Attributor {
     fn remember(&self, pid: u32, fds: HashSet<u32>) {
         let mut r = self.recent.lock();
         r.retain(|(p, _)| *p != pid);
-        r.push_front((pid, fds));
+        r.push_front((pid, Arc::new(fds)));
         r.truncate(RECENT);
     }
 

@@ -31,6 +31,7 @@ mod decision;
 pub mod grpc;
 pub mod metrics;
 pub mod shipper;
+mod sockdiag;
 pub mod spool;
 pub mod telemetry;
 
