@@ -521,6 +521,49 @@ mod tests {
         }
     }
 
+    /// A downstream that is never ready and counts calls.
+    #[derive(Clone, Default)]
+    struct Stuck(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Service<()> for Stuck {
+        type Response = ();
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<(), BoxError>>;
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Pending
+        }
+        fn call(&mut self, _req: ()) -> Self::Future {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::future::ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn open_breaker_is_ready_at_once_and_never_calls_inner() {
+        let b = Breaker::new(cfg());
+        for _ in 0..3 {
+            let a = b.admit().unwrap();
+            b.record(a, CallResult::Failed);
+        }
+        let inner = Stuck::default();
+        let calls = inner.0.clone();
+        let mut svc = BreakerLayer::new(b, |_: &BoxError| true).layer(inner);
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        // Open: readiness is immediate although the inner service never is.
+        assert!(matches!(svc.poll_ready(&mut cx), Poll::Ready(Ok(()))));
+        let mut fut = svc.call(());
+        match fut.as_mut().poll(&mut cx) {
+            Poll::Ready(Err(e)) => assert!(e.is::<BreakerOpen>()),
+            _ => panic!("open breaker must fail fast"),
+        }
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // Closed: readiness is the inner service's (pending), as tower expects.
+        let mut closed =
+            BreakerLayer::new(Breaker::new(cfg()), |_: &BoxError| true).layer(Stuck::default());
+        assert!(closed.poll_ready(&mut cx).is_pending());
+    }
+
     #[test]
     fn neutral_probe_releases_slot() {
         let b = Breaker::new(cfg());

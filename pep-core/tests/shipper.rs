@@ -89,6 +89,8 @@ async fn audit_down_then_back_delivers_exactly_once_and_trims() {
         spool.segment_count()
     );
     assert_eq!(log.duplicates.load(Ordering::SeqCst), 0);
+    assert_eq!(spool.metrics().shipped.get(), 35);
+    assert_eq!(spool.metrics().spool_unacked.get(), 0);
 }
 
 #[tokio::test]
