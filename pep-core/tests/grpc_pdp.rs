@@ -98,7 +98,7 @@ async fn pdp_hanging_denies_within_deadline() {
     assert_eq!(o.reason, "fail_closed:pdp_timeout");
     assert!(took >= Duration::from_millis(45), "took {took:?}");
     // 50 ms deadline; generous scheduling slack for a loaded 2-core CI box
-    assert!(took < Duration::from_millis(150), "took {took:?}");
+    assert!(took < Duration::from_millis(200), "took {took:?}");
     println!("hanging PDP denied after {took:?} (deadline 50 ms)");
 }
 
