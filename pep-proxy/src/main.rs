@@ -113,8 +113,26 @@ struct Args {
     worker_threads: Option<usize>,
 }
 
+/// Each tunnel needs two descriptors (four more while splicing): raise the
+/// soft `RLIMIT_NOFILE` to the hard limit, and the hard limit itself when
+/// privileged, so tens of thousands of tunnels do not hit `EMFILE`.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let want: u64 = 1 << 20;
+    if hard < want && setrlimit(Resource::RLIMIT_NOFILE, want, want).is_ok() {
+        return;
+    }
+    if soft < hard {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    raise_fd_limit();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all();
     if let Some(n) = args.worker_threads {
