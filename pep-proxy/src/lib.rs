@@ -839,8 +839,20 @@ async fn handle_connect(
             v.outcome = PdpOutcome::new(Decision::Deny, "truncated_client_hello");
             v.detail = format!("{} bytes", first.len());
         }
-        // Server-first protocol (no bytes), HTTP or other client-first
-        // bytes inside the tunnel: the CONNECT decision applies.
+        // Plain HTTP inside the tunnel: its Host must name the CONNECT
+        // destination too (same fronting check as SNI).
+        Peeked::Http(h) => {
+            let ok = h.hosts.iter().all(|one| {
+                parse_authority(one, Some(authority.port))
+                    .is_ok_and(|a| a.same_destination(&authority))
+            });
+            if !ok {
+                v.outcome = PdpOutcome::new(Decision::Deny, "host_mismatch");
+                v.detail = format!("tunnelled Host {:?} vs CONNECT {}", h.hosts, authority.host);
+            }
+        }
+        // Server-first protocol (no bytes) or other client-first bytes
+        // inside the tunnel: the CONNECT decision applies.
         _ => {}
     }
     let dial = v.outcome.decision.is_allow() && !client_gone;

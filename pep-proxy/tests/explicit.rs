@@ -121,8 +121,16 @@ fn sni_different_from_connect_host_is_refused_before_dialing() {
     ]);
     assert_ne!(code, 0, "fronted request must fail");
 
-    let recs = proxy.settled_audit(2);
-    for r in &recs {
+    // Plain HTTP inside the tunnel naming another host: same check.
+    let (mut s, head) = connect_via(proxy.addr, &target);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n")
+        .unwrap();
+    assert!(read_to_end_or_reset(&mut s).0.is_empty());
+
+    let recs = proxy.settled_audit(3);
+    assert_eq!(recs[2]["reason"], "host_mismatch");
+    for r in &recs[..2] {
         assert_eq!(r["decision"], "deny", "{r}");
         assert_eq!(r["reason"], "sni_mismatch", "{r}");
         assert_eq!(r["host"], "allowed.test");
