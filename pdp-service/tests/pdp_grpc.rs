@@ -1050,3 +1050,41 @@ async fn report_mode_and_default_escalate() {
     assert_eq!((l[0].host.as_str(), l[0].port), ("unknown.example", 8080));
     assert_eq!(l[0].first_process.as_ref().map(|p| p.pid), Some(4000));
 }
+
+/// Policy swaps under load: every answer is consistent with the version it
+/// reports (github.com is allowed by the odd versions, denied by the even).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swaps_under_load_answer_from_one_version() {
+    let d = data_dir();
+    let pdp = spawn_with_policy(d.path(), POLICY);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let mut c = pdp.decision().await;
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seen = std::collections::BTreeSet::new();
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 20_000 {
+                n += 1;
+                let r = check(&mut c, req("w", "github.com", 443)).await;
+                let expect_allow = r.policy_version % 2 == 1;
+                assert_eq!(allow(&r), expect_allow, "{r:?}");
+                seen.insert(r.policy_version);
+            }
+            seen
+        }));
+    }
+    let mut a = pdp.admin().await;
+    for i in 0..6 {
+        let text = if i % 2 == 0 { POLICY_B } else { POLICY };
+        assert!(put(&mut a, text).await.accepted);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut versions = std::collections::BTreeSet::new();
+    for t in tasks {
+        versions.extend(t.await.expect("task"));
+    }
+    assert!(versions.len() >= 2, "saw versions {versions:?}");
+}
