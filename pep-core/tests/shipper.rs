@@ -169,3 +169,32 @@ async fn wrong_token_delivers_nothing_and_keeps_records() {
     std::fs::write(&token, "right").unwrap();
     assert!(wait_until(Duration::from_secs(5), || log.len() == 3).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_backlog_is_windowed_and_delivered_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "t").unwrap();
+    let spool = AuditSpool::open(tmp.path().join("spool"), SpoolLimits::default()).unwrap();
+    let mut hs = Vec::new();
+    for i in 0..3000 {
+        let s = spool.clone();
+        hs.push(tokio::spawn(async move {
+            s.record(finding(&format!("b{i}"))).await
+        }));
+    }
+    for h in hs {
+        h.await.unwrap().unwrap();
+    }
+    let log = AuditLog::new("t");
+    let audit = start_audit("127.0.0.1:0".parse().unwrap(), log.clone());
+    let mut cfg = shipper_cfg(audit.addr, &token);
+    cfg.window = 64;
+    let _shipper = Shipper::spawn(spool.clone(), cfg).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || spool.unacked_len() == 0).await,
+        "unacked {}",
+        spool.unacked_len()
+    );
+    assert_exactly_once(&log, 3000);
+}
