@@ -89,28 +89,45 @@ pub struct Args {
     pub escalation_pending_ttl_secs: u64,
 }
 
-async fn shutdown_signal() {
+/// SIGTERM / SIGINT, registered eagerly: the handlers are installed when
+/// this is constructed (before any listener is announced), so a signal that
+/// arrives right after the `LISTENING` lines still shuts down gracefully
+/// instead of killing the process.
+struct ShutdownSignal {
     #[cfg(unix)]
-    {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot install SIGTERM handler");
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            () = term => {}
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignal {
+    fn install() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(ShutdownSignal {
+                term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+                int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(ShutdownSignal {})
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    async fn wait(&mut self) {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => {}
+                _ = self.int.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
@@ -126,6 +143,7 @@ pub fn main_with(args: Args) -> anyhow::Result<()> {
 
 /// Run the PDP until SIGTERM / Ctrl-C.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    let mut signals = ShutdownSignal::install()?;
     let _telemetry = init_tracing("secureops-pdp", args.log_format)?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;
@@ -243,7 +261,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
 
     let ended = tokio::select! {
-        () = shutdown_signal() => None,
+        () = signals.wait() => None,
         r = &mut data_task => Some(("grpc", r)),
         r = &mut admin_task => Some(("admin", r)),
     };

@@ -943,7 +943,12 @@ async fn sigterm_with_open_watch_exits_gracefully() {
     assert_eq!(acks.message().await.expect("ack").map(|a| a.seq), Some(1));
     let t = Instant::now();
     let st = pdp.svc.terminate(Duration::from_secs(10));
-    assert!(st.is_some_and(|s| s.success()), "{st:?}");
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "{st:?} after {:?}; stderr:\n{}",
+        t.elapsed(),
+        pdp.svc.stderr_text()
+    );
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     // The watcher learns the stream is gone (and would flush its cache).
     // (after the CONTEXT_CHANGED the heartbeat caused).
