@@ -32,6 +32,14 @@
 //! radius when the credential locations are known. When any `--mark-dir` is
 //! given and no `--mount`, no mount is marked.
 //!
+//! Kernel ignore cache: a non-sensitive file under a `--cache-prefix`
+//! (default `/usr/ /lib/ /lib64/ /bin/ /sbin/`, root-owned) gets an evictable
+//! fanotify ignore mark on its inode after the first open, so its later opens
+//! never leave the kernel — in mount mode, shared libraries and binaries cost
+//! nothing after warm-up. Only root-owned prefixes are safe: an ignore mark
+//! follows the inode across a rename / hard link to a sensitive name.
+//! `--no-ignore-cache` disables it.
+//!
 //! ## Bounded wait and `--on-timeout`
 //!
 //! A sensitive open waits at most `--ack-timeout-ms` (default 250 ms) for the
