@@ -17,8 +17,18 @@
 //! file I/O: async callers use [`Attributor::attribute_tcp_async`] /
 //! [`Attributor::attribute_udp_async`] (run on the blocking pool).
 //!
-//! Limitation: `/proc/net/*` shows the sockets of the *reader's* network
-//! namespace; a client in another namespace is not found (pid 0).
+//! Other network namespaces (`secureops run`, sidecar-less containers): the
+//! client may sit in a netns connected to ours by a veth pair, so its socket
+//! is invisible to netlink and `/proc/net` here. When the socket is not in
+//! our own netns, [`crate::netns`] groups the host's pids by
+//! `/proc/<pid>/ns/net` inode and reads `/proc/<member>/net/{tcp,udp}{,6}`
+//! of each foreign netns (bounded in namespaces and time; the grouping is
+//! cached briefly). There the client's *local* address is the peer address
+//! we saw, but its *remote* address is whatever it dialled: our listener for
+//! an explicit proxy connection, the original destination for a REDIRECTed
+//! one. So the match is on the local address, preferring an exact remote
+//! match. Loopback clients are never looked for elsewhere: loopback traffic
+//! cannot cross namespaces.
 
 use std::collections::{HashSet, VecDeque};
 use std::fs;
@@ -26,10 +36,12 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
 use crate::decision::ProcessIdentity;
+use crate::netns::NetnsMap;
 
 /// Bounds of the attribution work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +54,11 @@ pub struct AttributionLimits {
     pub max_argv_bytes: usize,
     /// Arguments reported.
     pub max_args: usize,
+    /// Foreign network namespaces searched per lookup (0 disables the
+    /// cross-namespace search).
+    pub max_namespaces: usize,
+    /// Wall-clock budget of the cross-namespace search of one lookup.
+    pub foreign_budget: Duration,
 }
 
 impl Default for AttributionLimits {
@@ -51,6 +68,8 @@ impl Default for AttributionLimits {
             max_ancestors: 16,
             max_argv_bytes: 4096,
             max_args: 64,
+            max_namespaces: 256,
+            foreign_budget: Duration::from_millis(100),
         }
     }
 }
@@ -63,6 +82,8 @@ pub struct Attributor {
     /// Pids that owned recently attributed sockets (with the fd numbers
     /// they had then), most recent first.
     recent: Arc<Mutex<VecDeque<PidHint>>>,
+    /// Pids grouped by network namespace (briefly cached).
+    netns: Arc<NetnsMap>,
 }
 
 impl Default for Attributor {
@@ -94,6 +115,7 @@ impl Attributor {
             proc_root: PathBuf::from("/proc"),
             limits,
             recent: Arc::new(Mutex::new(VecDeque::new())),
+            netns: Arc::new(NetnsMap::new(PathBuf::from("/proc"))),
         }
     }
 
@@ -138,32 +160,120 @@ impl Attributor {
         client: SocketAddr,
         server: Option<SocketAddr>,
     ) -> ProcessIdentity {
-        let Some(inode) = self.find_socket_inode(kind, client, server) else {
+        let Some(found) = self.locate(kind, client, server) else {
             return ProcessIdentity::default();
         };
-        let Some(pid) = self.pid_of_inode(inode) else {
+        let pid = match &found.netns_pids {
+            // Foreign netns: only its members can hold the socket.
+            Some(pids) => self.pid_of_inode_among(found.inode, pids),
+            None => self.pid_of_inode(found.inode),
+        };
+        let Some(pid) = pid else {
             return ProcessIdentity::default();
         };
         self.identity(pid)
     }
 
     /// Inode of the client-side socket whose local address is `client`
-    /// (and remote address `server`, when given).
+    /// (and remote address `server`, when given). Looks in our own network
+    /// namespace first, then in the other namespaces of the host (where the
+    /// remote address is only preferred, not required: see the module doc).
     pub fn find_socket_inode(
         &self,
         kind: SocketKind,
         client: SocketAddr,
         server: Option<SocketAddr>,
     ) -> Option<u64> {
+        self.locate(kind, client, server).map(|f| f.inode)
+    }
+
+    /// Like [`Attributor::find_socket_inode`], and also says which network
+    /// namespace the socket was found in: `None` for our own, else the
+    /// netns inode (as in `/proc/<pid>/ns/net`).
+    pub fn find_socket(
+        &self,
+        kind: SocketKind,
+        client: SocketAddr,
+        server: Option<SocketAddr>,
+    ) -> Option<(u64, Option<u64>)> {
+        self.locate(kind, client, server)
+            .map(|f| (f.inode, f.netns))
+    }
+
+    fn locate(
+        &self,
+        kind: SocketKind,
+        client: SocketAddr,
+        server: Option<SocketAddr>,
+    ) -> Option<Found> {
         let client = canonical(client);
         let server = server.map(canonical);
         if kind == SocketKind::Tcp
             && let Some(server) = server
             && let Some(inode) = crate::sockdiag::tcp_inode(client, server)
         {
-            return Some(inode);
+            return Some(Found::own(inode));
         }
-        self.proc_socket_inode(kind, client, server)
+        if let Some(inode) = self.proc_socket_inode(kind, client, server) {
+            return Some(Found::own(inode));
+        }
+        self.foreign_socket(kind, client, server)
+    }
+
+    /// Search the other network namespaces of the host (bounded).
+    fn foreign_socket(
+        &self,
+        kind: SocketKind,
+        client: SocketAddr,
+        server: Option<SocketAddr>,
+    ) -> Option<Found> {
+        // Loopback and wildcard sources never come from another namespace.
+        if self.limits.max_namespaces == 0
+            || client.ip().is_loopback()
+            || client.ip().is_unspecified()
+        {
+            return None;
+        }
+        let deadline = Instant::now() + self.limits.foreign_budget;
+        let search = |snap: &crate::netns::Snapshot| -> Option<Found> {
+            for ns in snap
+                .foreign(self.netns.preferred())
+                .take(self.limits.max_namespaces)
+            {
+                if Instant::now() >= deadline {
+                    tracing::debug!(%client, "attribution: foreign netns budget exhausted");
+                    return None;
+                }
+                // Any live member shows the namespace's sockets.
+                for pid in ns.pids.iter().take(3) {
+                    let base = self.proc_root.join(pid.to_string());
+                    match scan_net(&base, kind, client, server, true) {
+                        Scan::Found(inode) => {
+                            self.netns.prefer(ns.inode);
+                            return Some(Found {
+                                inode,
+                                netns: Some(ns.inode),
+                                netns_pids: Some(ns.pids.clone()),
+                            });
+                        }
+                        Scan::Absent => break,
+                        Scan::Unreadable => continue,
+                    }
+                }
+            }
+            None
+        };
+        let (snap, fresh) = self.netns.snapshot();
+        if let Some(f) = search(&snap) {
+            return Some(f);
+        }
+        // A namespace created since the snapshot (e.g. a new
+        // `secureops run`) is found after one rebuild.
+        if !fresh && Instant::now() < deadline {
+            let snap = self.netns.rebuild();
+            return search(&snap);
+        }
+        None
     }
 
     /// The `/proc/net` scan behind [`Attributor::find_socket_inode`]
@@ -174,44 +284,10 @@ impl Attributor {
         client: SocketAddr,
         server: Option<SocketAddr>,
     ) -> Option<u64> {
-        let files: &[&str] = match kind {
-            SocketKind::Tcp => &["net/tcp", "net/tcp6"],
-            SocketKind::Udp => &["net/udp", "net/udp6"],
-        };
-        // UDP: an unconnected socket shows remote 0:0 and may be bound to the
-        // wildcard address: accept those, but prefer an exact match.
-        let mut loose = None;
-        for f in files {
-            let Ok(file) = fs::File::open(self.proc_root.join(f)) else {
-                continue;
-            };
-            for line in BufReader::new(file).lines().skip(1) {
-                let Ok(line) = line else { break };
-                let Some(e) = parse_net_line(&line) else {
-                    continue;
-                };
-                if e.inode == 0 {
-                    continue;
-                }
-                let exact_local = e.local == client;
-                let remote_ok = match server {
-                    Some(s) => e.remote == s,
-                    None => true,
-                };
-                if exact_local && remote_ok {
-                    return Some(e.inode);
-                }
-                if kind == SocketKind::Udp
-                    && loose.is_none()
-                    && e.local.port() == client.port()
-                    && (exact_local || e.local.ip().is_unspecified())
-                    && (remote_ok || (e.remote.ip().is_unspecified() && e.remote.port() == 0))
-                {
-                    loose = Some(e.inode);
-                }
-            }
+        match scan_net(&self.proc_root, kind, client, server, false) {
+            Scan::Found(inode) => Some(inode),
+            Scan::Absent | Scan::Unreadable => None,
         }
-        loose
     }
 
     /// The process (thread-group leader) holding socket `inode`.
@@ -244,6 +320,38 @@ impl Attributor {
             }
         }
         None
+    }
+
+    /// [`Attributor::pid_of_inode`] restricted to `pids` (the members of
+    /// the network namespace the socket was found in); recent pids first.
+    pub fn pid_of_inode_among(&self, inode: u64, pids: &[u32]) -> Option<u32> {
+        let target = format!("socket:[{inode}]");
+        let hints: Vec<PidHint> = self.recent.lock().iter().cloned().collect();
+        let mut budget = self.limits.max_fds_scanned;
+        for (pid, known) in &hints {
+            if !pids.contains(pid) {
+                continue;
+            }
+            if let Some(fds) = self.pid_has(*pid, &target, &mut budget, Some(&**known)) {
+                self.remember(*pid, fds);
+                return Some(*pid);
+            }
+        }
+        for pid in pids {
+            if hints.iter().any(|(p, _)| p == pid) {
+                continue;
+            }
+            if budget == 0 {
+                tracing::debug!(inode, "attribution: fd scan budget exhausted");
+                return None;
+            }
+            if let Some(fds) = self.pid_has(*pid, &target, &mut budget, None) {
+                self.remember(*pid, fds);
+                return Some(*pid);
+            }
+        }
+        // Created after the snapshot: fall back to the full scan.
+        self.pid_of_inode(inode)
     }
 
     fn remember(&self, pid: u32, fds: HashSet<u32>) {
@@ -321,6 +429,105 @@ impl Attributor {
     }
 }
 
+/// Where a socket was found.
+struct Found {
+    inode: u64,
+    /// `None`: our own network namespace.
+    netns: Option<u64>,
+    /// Members of the foreign namespace (pid search is limited to them).
+    netns_pids: Option<Arc<[u32]>>,
+}
+
+impl Found {
+    fn own(inode: u64) -> Self {
+        Found {
+            inode,
+            netns: None,
+            netns_pids: None,
+        }
+    }
+}
+
+enum Scan {
+    Found(u64),
+    /// The tables were read; no such socket.
+    Absent,
+    /// No table could be opened (process gone, no permission).
+    Unreadable,
+}
+
+/// TCP state `LISTEN` in `/proc/net/tcp`.
+const TCP_LISTEN: u8 = 0x0A;
+
+/// Scan `<base>/net/{tcp,udp}{,6}` for the client socket whose local address
+/// is `client`.
+///
+/// Preference: local and remote (`server`) both match; then (`relaxed`, for
+/// foreign namespaces where the client dialled something else than our
+/// listener) the local address alone on a non-listening socket; then, UDP
+/// only, an unconnected socket on the client's port bound to the client
+/// address or the wildcard address.
+fn scan_net(
+    base: &std::path::Path,
+    kind: SocketKind,
+    client: SocketAddr,
+    server: Option<SocketAddr>,
+    relaxed: bool,
+) -> Scan {
+    let files: &[&str] = match kind {
+        SocketKind::Tcp => &["net/tcp", "net/tcp6"],
+        SocketKind::Udp => &["net/udp", "net/udp6"],
+    };
+    let mut opened = false;
+    let mut local_only = None;
+    let mut loose = None;
+    for f in files {
+        let Ok(file) = fs::File::open(base.join(f)) else {
+            continue;
+        };
+        opened = true;
+        for line in BufReader::new(file).lines().skip(1) {
+            let Ok(line) = line else { break };
+            let Some(e) = parse_net_line(&line) else {
+                continue;
+            };
+            if e.inode == 0 {
+                continue;
+            }
+            let exact_local = e.local == client;
+            let remote_ok = match server {
+                Some(s) => e.remote == s,
+                None => true,
+            };
+            if exact_local && remote_ok {
+                return Scan::Found(e.inode);
+            }
+            if relaxed
+                && exact_local
+                && local_only.is_none()
+                && !(kind == SocketKind::Tcp && e.state == TCP_LISTEN)
+            {
+                local_only = Some(e.inode);
+            }
+            let remote_loose =
+                remote_ok || relaxed || (e.remote.ip().is_unspecified() && e.remote.port() == 0);
+            if kind == SocketKind::Udp
+                && loose.is_none()
+                && e.local.port() == client.port()
+                && (exact_local || e.local.ip().is_unspecified())
+                && remote_loose
+            {
+                loose = Some(e.inode);
+            }
+        }
+    }
+    match local_only.or(loose) {
+        Some(i) => Scan::Found(i),
+        None if opened => Scan::Absent,
+        None => Scan::Unreadable,
+    }
+}
+
 /// IPv4-mapped IPv6 → IPv4, so dual-stack listeners match v4 entries.
 fn canonical(a: SocketAddr) -> SocketAddr {
     match a.ip() {
@@ -335,6 +542,7 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 struct NetEntry {
     local: SocketAddr,
     remote: SocketAddr,
+    state: u8,
     inode: u64,
 }
 
@@ -344,11 +552,13 @@ fn parse_net_line(line: &str) -> Option<NetEntry> {
     let _sl = it.next()?;
     let local = parse_hex_addr(it.next()?)?;
     let remote = parse_hex_addr(it.next()?)?;
-    // st, tx:rx, tr:when, retrnsmt, uid, timeout, inode
-    let inode = it.nth(6)?.parse().ok()?;
+    let state = u8::from_str_radix(it.next()?, 16).ok()?;
+    // tx:rx, tr:when, retrnsmt, uid, timeout, inode
+    let inode = it.nth(5)?.parse().ok()?;
     Some(NetEntry {
         local: canonical(local),
         remote: canonical(remote),
+        state,
         inode,
     })
 }

@@ -30,6 +30,7 @@ pub mod cache;
 mod decision;
 pub mod grpc;
 pub mod metrics;
+mod netns;
 pub mod shipper;
 mod sockdiag;
 pub mod spool;
