@@ -8,8 +8,10 @@
 //! ```
 //!
 //! It starts `target/release/secureops-audit` (or `--bin PATH`) on
-//! 127.0.0.1:0 with a fresh data directory, or uses `--server ADDR` with
-//! `--token T --source S` (then no verification step).
+//! 127.0.0.1:0 with a fresh data directory (pinned with `--server-cpu N`
+//! via taskset; `--server-arg X` passes flags through).
+//! `--keep DIR` leaves the log in DIR (a fresh directory) for later
+//! `secureops-audit verify --dir DIR --pubkey DIR/audit.key.pub`.
 
 use anyhow::{Context, Result, bail};
 use secureops_proto::v1::{AuditFinding, AuditRecord};
@@ -28,6 +30,7 @@ struct Args {
     bin: Option<String>,
     server_cpu: Option<String>,
     extra: Vec<String>,
+    keep: Option<std::path::PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -39,6 +42,7 @@ fn parse_args() -> Result<Args> {
         bin: None,
         server_cpu: None,
         extra: Vec::new(),
+        keep: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -51,6 +55,7 @@ fn parse_args() -> Result<Args> {
             "--bin" => a.bin = Some(v()?),
             "--server-cpu" => a.server_cpu = Some(v()?),
             "--server-arg" => a.extra.push(v()?),
+            "--keep" => a.keep = Some(v()?.into()),
             other => bail!("unknown flag {other}"),
         }
     }
@@ -98,7 +103,8 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
 async fn main() -> Result<()> {
     let a = parse_args()?;
     let tmp = tempfile::tempdir()?;
-    let data = tmp.path().join("data");
+    // --keep DIR: write the log there and leave it (e.g. to time `verify`).
+    let data = a.keep.clone().unwrap_or_else(|| tmp.path().join("data"));
     let tokens = tmp.path().join("tokens");
     let mut t = String::new();
     for s in 0..a.streams {

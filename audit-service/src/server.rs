@@ -35,7 +35,7 @@ impl Default for SequencerConfig {
     fn default() -> Self {
         Self {
             batch_max: 4096,
-            batch_delay: Duration::from_millis(1),
+            batch_delay: Duration::ZERO,
             checkpoint_interval: Duration::from_secs(1),
         }
     }
@@ -44,7 +44,9 @@ impl Default for SequencerConfig {
 /// One record on its way to the writer, with a reserved slot in its
 /// stream's ack channel (so the writer never blocks on a slow client).
 struct Item {
-    record: Result<AuditRecord, String>,
+    /// The record, or (source_id, source_seq, why) when it was rejected;
+    /// the rejection ack echoes the record's key so a shipper can match it.
+    record: Result<AuditRecord, (String, u64, String)>,
     reply: mpsc::OwnedPermit<AckResult>,
 }
 
@@ -238,11 +240,14 @@ fn commit(w: &mut LogWriter, batch: &mut Vec<Item>, metrics: &Metrics) -> Result
                     error: String::new(),
                 }
             }
-            Err(msg) => {
+            Err((source_id, source_seq, msg)) => {
                 metrics.rejected.inc();
                 AppendAck {
+                    source_id,
+                    source_seq,
+                    index: 0,
+                    duplicate: false,
                     error: msg,
-                    ..Default::default()
                 }
             }
         };
@@ -419,7 +424,7 @@ impl Audit for AuditService {
                 }
                 let record = match encoding::validate_record(&msg) {
                     Ok(()) => Ok(msg),
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err((msg.source_id, msg.source_seq, e.to_string())),
                 };
                 if tx
                     .send(Item {

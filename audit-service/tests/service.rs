@@ -92,6 +92,11 @@ async fn malformed_records_get_errors_while_stream_and_log_stay_healthy() {
     .await;
     assert!(acks[0].error.is_empty() && acks[0].index == 0);
     assert!(acks[1].error.contains("missing finding"), "{:?}", acks[1]);
+    // Rejections echo the record's key so a shipper can match them.
+    assert_eq!(
+        (acks[1].source_id.as_str(), acks[1].source_seq),
+        ("pep-0", 2)
+    );
     assert!(acks[2].error.contains("empty source_id"), "{:?}", acks[2]);
     assert!(acks[3].error.contains("source_seq"), "{:?}", acks[3]);
     assert!(acks[4].error.contains("detail"), "{:?}", acks[4]);
