@@ -42,6 +42,7 @@ use parking_lot::Mutex;
 
 use crate::decision::ProcessIdentity;
 use crate::netns::NetnsMap;
+use crate::sockdiag::Lookup;
 
 /// Bounds of the attribution work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,13 +209,18 @@ impl Attributor {
     ) -> Option<Found> {
         let client = canonical(client);
         let server = server.map(canonical);
+        let mut own_absent = false;
         if kind == SocketKind::Tcp
             && let Some(server) = server
-            && let Some(inode) = crate::sockdiag::tcp_inode(client, server)
         {
-            return Some(Found::own(inode));
+            match crate::sockdiag::tcp_lookup(client, server) {
+                Lookup::Found(inode) => return Some(Found::own(inode)),
+                // The kernel said so: skip the O(sockets) `/proc/net` scan.
+                Lookup::Absent => own_absent = true,
+                Lookup::Failed => {}
+            }
         }
-        if let Some(inode) = self.proc_socket_inode(kind, client, server) {
+        if !own_absent && let Some(inode) = self.proc_socket_inode(kind, client, server) {
             return Some(Found::own(inode));
         }
         self.foreign_socket(kind, client, server)

@@ -44,18 +44,51 @@ fn sockid(local: SocketAddr, remote: SocketAddr, v6: bool) -> [u8; 48] {
     id
 }
 
+/// Outcome of an exact lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lookup {
+    Found(u64),
+    /// The kernel answered: no such socket in this network namespace.
+    Absent,
+    /// No answer (no netlink, timeout, unexpected reply).
+    Failed,
+}
+
+#[cfg(test)]
 /// Inode of the TCP socket whose local address is `local` and remote
 /// address is `remote` (IPv4-mapped addresses are canonical IPv4 here).
 pub(crate) fn tcp_inode(local: SocketAddr, remote: SocketAddr) -> Option<u64> {
-    let both_v4 = local.is_ipv4() && remote.is_ipv4();
-    if both_v4 && let Some(i) = query(AF_INET, local, remote) {
-        return Some(i);
+    match tcp_lookup(local, remote) {
+        Lookup::Found(i) => Some(i),
+        Lookup::Absent | Lookup::Failed => None,
     }
-    // An AF_INET6 socket talking to an IPv4 peer uses mapped addresses.
-    query(AF_INET6, local, remote)
 }
 
-fn query(family: u8, local: SocketAddr, remote: SocketAddr) -> Option<u64> {
+/// [`tcp_inode`], distinguishing "the kernel says absent" (so a `/proc/net`
+/// scan of this namespace is pointless) from "no answer".
+pub(crate) fn tcp_lookup(local: SocketAddr, remote: SocketAddr) -> Lookup {
+    let both_v4 = local.is_ipv4() && remote.is_ipv4();
+    let v4 = if both_v4 {
+        match query(AF_INET, local, remote) {
+            Lookup::Found(i) => return Lookup::Found(i),
+            other => other,
+        }
+    } else {
+        Lookup::Absent
+    };
+    // An AF_INET6 socket talking to an IPv4 peer uses mapped addresses.
+    match (v4, query(AF_INET6, local, remote)) {
+        (_, Lookup::Found(i)) => Lookup::Found(i),
+        (Lookup::Absent, Lookup::Absent) => Lookup::Absent,
+        _ => Lookup::Failed,
+    }
+}
+
+fn query(family: u8, local: SocketAddr, remote: SocketAddr) -> Lookup {
+    query_inner(family, local, remote).unwrap_or(Lookup::Failed)
+}
+
+fn query_inner(family: u8, local: SocketAddr, remote: SocketAddr) -> Option<Lookup> {
     let fd = socket(
         AddressFamily::Netlink,
         SockType::Datagram,
@@ -87,10 +120,20 @@ fn query(family: u8, local: SocketAddr, remote: SocketAddr) -> Option<u64> {
     let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).ok()?;
     let msg = buf.get(..n)?;
     let ty = u16::from_ne_bytes([*msg.get(4)?, *msg.get(5)?]);
-    if ty == NLMSG_ERROR || ty != SOCK_DIAG_BY_FAMILY {
+    let body = msg.get(NLMSG_HDRLEN..)?;
+    if ty == NLMSG_ERROR {
+        // struct nlmsgerr: int error (negative errno) first.
+        let e = body.get(0..4)?;
+        let errno = -i32::from_ne_bytes([e[0], e[1], e[2], e[3]]);
+        return Some(if errno == libc::ENOENT {
+            Lookup::Absent
+        } else {
+            Lookup::Failed
+        });
+    }
+    if ty != SOCK_DIAG_BY_FAMILY {
         return None;
     }
-    let body = msg.get(NLMSG_HDRLEN..)?;
     // The answer must be the socket we asked for.
     let want = sockid(local, remote, family == AF_INET6);
     if body.get(MSG_SOCKID_OFF..MSG_SOCKID_OFF + 36)? != &want[..36] {
@@ -98,7 +141,7 @@ fn query(family: u8, local: SocketAddr, remote: SocketAddr) -> Option<u64> {
     }
     let ino = body.get(MSG_INODE_OFF..MSG_INODE_OFF + 4)?;
     let inode = u32::from_ne_bytes([ino[0], ino[1], ino[2], ino[3]]);
-    (inode != 0).then_some(u64::from(inode))
+    (inode != 0).then_some(Lookup::Found(u64::from(inode)))
 }
 
 #[cfg(test)]
@@ -121,6 +164,13 @@ mod tests {
             assert_eq!(nl, proc, "{bind}");
             // the accepted (server) side is a different socket
             assert_ne!(tcp_inode(local, peer), nl);
+            // A socket that does not exist is a definitive answer.
+            let nowhere: SocketAddr = if peer.is_ipv4() {
+                "127.0.0.1:1".parse().unwrap()
+            } else {
+                "[::1]:1".parse().unwrap()
+            };
+            assert_eq!(tcp_lookup(nowhere, local), Lookup::Absent, "{bind}");
         }
         assert_eq!(
             tcp_inode(

@@ -164,10 +164,12 @@ pub async fn serve_ops(
             addr: listen,
             source,
         })?;
-    let local = listener.local_addr().map_err(|source| TelemetryError::Bind {
-        addr: listen,
-        source,
-    })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| TelemetryError::Bind {
+            addr: listen,
+            source,
+        })?;
     announce_listener("metrics", local);
     let handle = tokio::spawn(async move {
         loop {
