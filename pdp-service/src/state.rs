@@ -85,15 +85,16 @@ impl Pdp {
     ) -> anyhow::Result<Self> {
         let mut store = PolicyStore::open(data_dir)?;
         let mut active = None;
-        for meta in store.history().iter().rev() {
-            let text = match store.read(meta.version) {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::error!(version = meta.version, error = %e, "stored policy unreadable; trying an older version");
-                    continue;
-                }
-            };
-            match Policy::compile(&text) {
+        // Only the newest version may be restored. Falling back to an older
+        // one could silently re-grant access the operator revoked with the
+        // newer version, so an unusable newest version means deny-everything
+        // (version 0) until an operator puts or rolls back.
+        if let Some(meta) = store.history().last() {
+            let restored = store
+                .read(meta.version)
+                .map_err(|e| e.to_string())
+                .and_then(|text| Policy::compile(&text).map_err(|errs| join_errors(&errs)));
+            match restored {
                 Ok(policy) => {
                     tracing::info!(
                         version = meta.version,
@@ -105,11 +106,12 @@ impl Pdp {
                         policy,
                         meta: Some(meta.clone()),
                     });
-                    break;
                 }
-                Err(errs) => {
-                    tracing::error!(version = meta.version, errors = %join_errors(&errs), "stored policy no longer compiles; trying an older version");
-                }
+                Err(e) => tracing::error!(
+                    version = meta.version,
+                    error = %e,
+                    "newest stored policy is unusable; serving the built-in deny-everything policy until an operator puts or rolls back"
+                ),
             }
         }
         if active.is_none() && store.history().is_empty() {

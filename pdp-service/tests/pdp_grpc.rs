@@ -1093,3 +1093,47 @@ async fn swaps_under_load_answer_from_one_version() {
     }
     assert!(versions.len() >= 2, "saw versions {versions:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_newest_version_fails_closed_on_restart() {
+    let d = data_dir();
+    let mut pdp = spawn_with_policy(d.path(), POLICY);
+    {
+        let mut a = pdp.admin().await;
+        // v2 revokes github.com.
+        assert!(put(&mut a, POLICY_B).await.accepted);
+    }
+    assert!(
+        pdp.svc
+            .terminate(Duration::from_secs(10))
+            .is_some_and(|s| s.success())
+    );
+    std::fs::write(
+        d.path().join("data/policies/2.yaml"),
+        "version: 1\ndefault: allow-all\n",
+    )
+    .expect("tamper");
+    let pdp = spawn_with_policy(d.path(), POLICY);
+    let mut c = pdp.decision().await;
+    let r = check(&mut c, req("w", "github.com", 443)).await;
+    // Not v1 (which would re-grant github.com): deny-everything.
+    assert_eq!(r.decision, Verdict::Deny as i32, "{r:?}");
+    assert_eq!(r.policy_version, 0);
+    assert!(
+        pdp.svc
+            .stderr_text()
+            .contains("newest stored policy is unusable")
+    );
+    // The operator recovers with a rollback; numbering continues.
+    let mut a = pdp.admin().await;
+    let p = a
+        .rollback(RollbackRequest {
+            to_version: 1,
+            ..RollbackRequest::default()
+        })
+        .await
+        .expect("rollback")
+        .into_inner();
+    assert_eq!((p.accepted, p.version), (true, 3));
+    assert!(allow(&check(&mut c, req("w", "github.com", 443)).await));
+}
