@@ -171,3 +171,66 @@ pub async fn tail(
     let mut c = connect(addr).await?;
     Ok(c.tail(TailRequest { from, follow }).await?.into_inner())
 }
+
+/// Fetches the latest signed checkpoint; with `key`, checks its signature.
+pub async fn latest_checkpoint(
+    addr: &str,
+    key: Option<&NoteVerifier>,
+) -> Result<(Checkpoint, String), ClientError> {
+    let mut c = connect(addr).await?;
+    let s = c
+        .checkpoint(secureops_proto::v1::CheckpointRequest {})
+        .await?
+        .into_inner();
+    let cp = match key {
+        Some(k) => Checkpoint::open(&s.note, k),
+        None => Checkpoint::parse_unverified(&s.note),
+    }
+    .map_err(|e| ClientError::BadProof(format!("checkpoint: {e}")))?;
+    if cp.size != s.size || cp.root.as_slice() != s.root_hash.as_slice() {
+        return Err(ClientError::BadProof(
+            "checkpoint fields differ from its note".into(),
+        ));
+    }
+    Ok((cp, s.note))
+}
+
+/// Witness check: is the server's latest checkpoint an append-only extension
+/// of `trusted_note` (a checkpoint saved earlier)? Both must be signed by
+/// `key`; the RFC 6962 consistency proof is fetched and verified locally.
+/// Returns (trusted, latest).
+pub async fn check_consistency(
+    addr: &str,
+    trusted_note: &str,
+    key: &NoteVerifier,
+) -> Result<(Checkpoint, Checkpoint), ClientError> {
+    let old = Checkpoint::open(trusted_note, key)
+        .map_err(|e| ClientError::BadProof(format!("trusted checkpoint: {e}")))?;
+    let (new, _) = latest_checkpoint(addr, Some(key)).await?;
+    if new.size < old.size {
+        return Err(ClientError::BadProof(format!(
+            "log shrank from {} to {} entries",
+            old.size, new.size
+        )));
+    }
+    let mut c = connect(addr).await?;
+    let p = c
+        .consistency(secureops_proto::v1::ConsistencyRequest {
+            from_size: old.size,
+            to_size: new.size,
+        })
+        .await?
+        .into_inner();
+    let path = p
+        .path
+        .iter()
+        .map(|h| to_hash(h, "proof element"))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !merkle::verify_consistency(old.size, new.size, &old.root, &new.root, &path) {
+        return Err(ClientError::BadProof(format!(
+            "checkpoint of size {} is not a prefix of the log at size {}",
+            old.size, new.size
+        )));
+    }
+    Ok((old, new))
+}

@@ -85,7 +85,9 @@
 //! [`verify::verify_dir`] (CLI: `secureops-audit verify` / `secureops audit
 //! verify`) checks everything above and names the first bad index.
 //! [`client::prove`] / [`client::verify_inclusion_proof`] fetch and check
-//! an inclusion proof; [`client::tail`] streams entries.
+//! an inclusion proof; [`client::tail`] streams entries;
+//! [`client::check_consistency`] checks a saved checkpoint against the live
+//! log (RFC 6962 consistency proof).
 
 pub mod client;
 pub mod encoding;
@@ -96,7 +98,9 @@ pub mod server;
 pub mod storage;
 pub mod verify;
 
-pub use client::{ProvenEntry, prove, tail, verify_inclusion_proof};
+pub use client::{
+    ProvenEntry, check_consistency, latest_checkpoint, prove, tail, verify_inclusion_proof,
+};
 pub use note::{Checkpoint, NoteSigner, NoteVerifier};
 pub use verify::{Summary, VerifyError, VerifyErrorKind, verify_dir};
 

@@ -260,6 +260,26 @@ async fn prove_tail_checkpoint_consistency_and_shutdown_checkpoint() {
         .into_inner();
     assert_eq!(cons.to_size, 20);
 
+    // Witness check of the size-20 checkpoint against the log later on.
+    let (old, new) = secureops_audit::client::check_consistency(&addr, &signed.note, &key)
+        .await
+        .unwrap();
+    assert_eq!((old.size, new.size), (20, 20));
+    // A checkpoint of another history (validly signed by the same key, as a
+    // compromised-then-rolled-back log would present) is not consistent.
+    let secret = std::fs::read_to_string(data.join("audit.key")).unwrap();
+    let signer = secureops_audit::NoteSigner::parse(&secret).unwrap();
+    let other = Checkpoint {
+        root: [9; 32],
+        size: 7,
+        ..cp20.clone()
+    }
+    .sign(&signer);
+    let e = secureops_audit::client::check_consistency(&addr, &other, &key)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not a prefix"), "{e}");
+
     // Follower sees all 20, then a new one.
     for i in 0..20u64 {
         let e = tokio::time::timeout(Duration::from_secs(10), follower.message())
