@@ -104,6 +104,7 @@ fn build_policy(n_rules: usize) -> String {
 }
 
 struct Case {
+    kind: usize,
     host: String,
     port: u16,
     ip: Option<IpAddr>,
@@ -171,6 +172,7 @@ fn cases(n_rules: usize) -> Vec<Case> {
             ),
         };
         out.push(Case {
+            kind: j % 10,
             host,
             port,
             ip,
@@ -273,6 +275,7 @@ fn main() {
         ));
     }
     let mut lat: Vec<u32> = Vec::with_capacity(iters);
+    let mut by_kind: Vec<Vec<u32>> = vec![Vec::new(); 10];
     let wall = Instant::now();
     for c in cases.iter().cycle().take(iters) {
         let req = EvalRequest {
@@ -290,7 +293,9 @@ fn main() {
         let e = policy.evaluate(black_box(&req), &ctx);
         let d = t.elapsed();
         black_box(e);
-        lat.push(u32::try_from(d.as_nanos()).unwrap_or(u32::MAX));
+        let ns = u32::try_from(d.as_nanos()).unwrap_or(u32::MAX);
+        lat.push(ns);
+        by_kind[c.kind].push(ns);
     }
     let wall = wall.elapsed();
     lat.sort_unstable();
@@ -313,4 +318,26 @@ fn main() {
         pct(0.999),
         lat[lat.len() - 1]
     );
+    if std::env::var_os("BENCH_BY_KIND").is_some() {
+        let names = [
+            "exact",
+            "exact",
+            "wildcard",
+            "allowlist-wild",
+            "allowlist+ip",
+            "ip-cidr",
+            "exe-rule",
+            "miss",
+            "special-ip",
+            "taint-rule",
+        ];
+        for (k, mut v) in by_kind.into_iter().enumerate() {
+            v.sort_unstable();
+            if v.is_empty() {
+                continue;
+            }
+            let q = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
+            println!("  kind {k} {:<15} p50={} p99={}", names[k], q(0.5), q(0.99));
+        }
+    }
 }

@@ -27,6 +27,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use ipnet::IpNet;
 
 use super::context::ContextView;
+use super::fxhash::FxHashMap;
 use super::host::{HostError, normalize_host, parse_ip_literal};
 use super::ip::{CidrTable, classify_ip};
 use super::parse::{Kind, Node};
@@ -73,15 +74,15 @@ struct DestEntry {
 }
 
 struct Taint {
-    globs: Arc<GlobSet>,
+    globs: Arc<Globs>,
     within: Duration,
 }
 
 struct Rule {
     id: String,
     action: Action,
-    workloads: Option<Arc<GlobSet>>,
-    processes: Option<Arc<GlobSet>>,
+    workloads: Option<Arc<Globs>>,
+    processes: Option<Arc<Globs>>,
     when: Option<Taint>,
     /// `rule:<id>`, precomputed.
     reason: String,
@@ -94,8 +95,8 @@ pub(crate) struct Compiled {
     pub(crate) max_window: Option<Duration>,
     pub(crate) source: String,
     rules: Vec<Rule>,
-    exact: HashMap<Box<str>, Vec<DestEntry>>,
-    wildcard: HashMap<Box<str>, Vec<DestEntry>>,
+    exact: FxHashMap<Box<str>, Vec<DestEntry>>,
+    wildcard: FxHashMap<Box<str>, Vec<DestEntry>>,
     cidrs: CidrTable<DestEntry>,
     /// Deny / escalate rules without destinations, in (action, index) order.
     anydest: Vec<u32>,
@@ -243,13 +244,32 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// A compiled glob list. Patterns without metacharacters (the common case
+/// for exe paths) are compared as strings; only real globs go through
+/// `globset`.
+pub(crate) struct Globs {
+    literals: Vec<Box<str>>,
+    set: Option<GlobSet>,
+}
+
+impl Globs {
+    pub(crate) fn is_match(&self, s: &str) -> bool {
+        self.literals.iter().any(|l| **l == *s) || self.set.as_ref().is_some_and(|g| g.is_match(s))
+    }
+}
+
+fn is_literal_glob(p: &str) -> bool {
+    !p.bytes()
+        .any(|c| matches!(c, b'*' | b'?' | b'[' | b']' | b'{' | b'}' | b'\\'))
+}
+
 #[derive(Default)]
 struct GlobInterner {
-    sets: HashMap<Vec<String>, Arc<GlobSet>>,
+    sets: HashMap<Vec<String>, Arc<Globs>>,
 }
 
 impl GlobInterner {
-    fn build(&mut self, node: &Node, path: &str, errs: &mut Errs) -> Option<Arc<GlobSet>> {
+    fn build(&mut self, node: &Node, path: &str, errs: &mut Errs) -> Option<Arc<Globs>> {
         let items = seq_items(node, path, errs)?;
         if items.is_empty() {
             errs.push(
@@ -260,7 +280,9 @@ impl GlobInterner {
             return None;
         }
         let mut pats = Vec::with_capacity(items.len());
+        let mut literals = Vec::new();
         let mut builder = GlobSetBuilder::new();
+        let mut globs = 0usize;
         let mut ok = true;
         for (i, item) in items.iter().enumerate() {
             let p = format!("{path}[{i}]");
@@ -270,7 +292,12 @@ impl GlobInterner {
             };
             match GlobBuilder::new(s).literal_separator(true).build() {
                 Ok(g) => {
-                    builder.add(g);
+                    if is_literal_glob(s) {
+                        literals.push(Box::from(s));
+                    } else {
+                        builder.add(g);
+                        globs += 1;
+                    }
                     pats.push(s.to_owned());
                 }
                 Err(e) => {
@@ -285,9 +312,14 @@ impl GlobInterner {
         if let Some(set) = self.sets.get(&pats) {
             return Some(set.clone());
         }
-        match builder.build() {
+        let set = if globs == 0 {
+            Ok(None)
+        } else {
+            builder.build().map(Some)
+        };
+        match set {
             Ok(set) => {
-                let set = Arc::new(set);
+                let set = Arc::new(Globs { literals, set });
                 self.sets.insert(pats, set.clone());
                 Some(set)
             }
@@ -421,8 +453,8 @@ fn parse_host_pattern(s: &str) -> Result<HostPat, String> {
 
 struct Builder {
     rules: Vec<Rule>,
-    exact: HashMap<Box<str>, Vec<DestEntry>>,
-    wildcard: HashMap<Box<str>, Vec<DestEntry>>,
+    exact: FxHashMap<Box<str>, Vec<DestEntry>>,
+    wildcard: FxHashMap<Box<str>, Vec<DestEntry>>,
     cidrs: CidrTable<DestEntry>,
     anydest: Vec<u32>,
     globs: GlobInterner,
@@ -801,8 +833,8 @@ pub(crate) fn compile(root: Node, source: &str) -> Result<Compiled, Vec<PolicyEr
     };
     let mut b = Builder {
         rules: Vec::new(),
-        exact: HashMap::new(),
-        wildcard: HashMap::new(),
+        exact: FxHashMap::default(),
+        wildcard: FxHashMap::default(),
         cidrs: CidrTable::default(),
         anydest: Vec::new(),
         globs: GlobInterner::default(),
@@ -964,6 +996,24 @@ impl Outcome {
             reason: reason.into(),
             rule_id: rule_id.map(str::to_owned),
         }
+    }
+}
+
+thread_local! {
+    /// Reused candidate buffer: evaluation allocates no candidate list.
+    static CANDS: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+fn take_cands() -> Vec<u32> {
+    let mut v = CANDS.with(std::cell::Cell::take);
+    v.clear();
+    v
+}
+
+fn give_back_cands(v: Vec<u32>) {
+    // Do not keep a pathological buffer around.
+    if v.capacity() <= 4096 {
+        CANDS.with(|c| c.set(v));
     }
 }
 
@@ -1147,7 +1197,7 @@ impl Compiled {
         // A DNS query does not know the port the answer will be used with:
         // a name is resolvable when some rule would allow it on any port.
         let any_port = req.host_source == HostSource::DnsQuery;
-        let mut cands: Vec<u32> = Vec::with_capacity(8);
+        let mut cands = take_cands();
         let mut take = |v: &Vec<DestEntry>| {
             for e in v {
                 if any_port || e.ports.contains(req.port) {
@@ -1167,7 +1217,9 @@ impl Compiled {
         }
         cands.extend_from_slice(&self.anydest);
         self.sort_cands(&mut cands);
-        let out = match self.first_applicable(&cands, req, ctx, deps) {
+        let winner = self.first_applicable(&cands, req, ctx, deps);
+        give_back_cands(cands);
+        let out = match winner {
             Some(rule) => self.rule_outcome(rule, req, name, ctx, deps),
             None => self.default_outcome(req, name, ctx, deps),
         };
@@ -1186,7 +1238,7 @@ impl Compiled {
         deps: &mut Deps,
     ) -> Outcome {
         let key = ip.to_string();
-        let mut cands: Vec<u32> = Vec::with_capacity(8);
+        let mut cands = take_cands();
         let mut take = |e: &DestEntry| {
             if e.ports.contains(req.port) {
                 cands.push(e.rule);
@@ -1207,7 +1259,9 @@ impl Compiled {
         );
         self.sort_cands(&mut cands);
         let special = classify_ip(ip).is_some();
-        match self.first_applicable(&cands, req, ctx, deps) {
+        let winner = self.first_applicable(&cands, req, ctx, deps);
+        give_back_cands(cands);
+        match winner {
             Some(rule) if rule.action == Action::Deny => {
                 return self.rule_outcome(rule, req, &key, ctx, deps);
             }

@@ -45,12 +45,13 @@ pub fn normalize_host(raw: &str) -> Result<String, HostError> {
     if parse_ip_literal(raw).is_some() {
         return Err(HostError::IpLiteral);
     }
-    let mut out = if let Some(fast) = ascii_fast_path(raw) {
-        fast
+    let (mut out, mapped) = if let Some(fast) = ascii_fast_path(raw) {
+        (fast, false)
     } else {
-        idna::domain_to_ascii_cow(raw.as_bytes(), idna::AsciiDenyList::URL)
+        let mapped = idna::domain_to_ascii_cow(raw.as_bytes(), idna::AsciiDenyList::URL)
             .map_err(|_| HostError::Invalid("IDNA processing failed"))?
-            .into_owned()
+            .into_owned();
+        (mapped, true)
     };
     if out.ends_with('.') {
         out.pop();
@@ -58,7 +59,10 @@ pub fn normalize_host(raw: &str) -> Result<String, HostError> {
     if out.is_empty() {
         return Err(HostError::Empty);
     }
-    if parse_ip_literal(&out).is_some() || ends_in_number(&out) {
+    // IDNA mapping can turn a non-literal into a literal (fullwidth digits,
+    // ideographic dots): check again. The ASCII fast path only lowercased,
+    // which cannot create a literal that the raw check missed.
+    if (mapped && parse_ip_literal(&out).is_some()) || ends_in_number(&out) {
         return Err(HostError::IpLiteral);
     }
     validate_ldh(&out)?;
@@ -142,6 +146,13 @@ pub fn parse_ip_literal(raw: &str) -> Option<IpAddr> {
         .unwrap_or(raw);
     if inner.contains(':') {
         return parse_v6(inner).map(IpAddr::V6);
+    }
+    // Quick reject for ordinary names: IPv4 spellings use only these bytes.
+    if !raw
+        .bytes()
+        .all(|c| c.is_ascii_hexdigit() || c == b'.' || c == b'x' || c == b'X')
+    {
+        return None;
     }
     if inner.len() != raw.len() {
         // `[1.2.3.4]` is not a valid literal anywhere.

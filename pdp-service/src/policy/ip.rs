@@ -2,9 +2,10 @@
 //! including IPv4 addresses embedded in IPv6 (mapped, compatible, NAT64,
 //! 6to4, Teredo), and longest-prefix CIDR tables.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use super::fxhash::FxHashMap;
 
 /// How an IPv4 address is embedded in an IPv6 address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -245,8 +246,8 @@ pub fn classify_ip(ip: IpAddr) -> Option<SpecialRange> {
 /// prefix length (at most 33 for IPv4, 129 for IPv6; in practice a handful).
 #[derive(Debug)]
 pub(crate) struct CidrTable<T> {
-    v4: Vec<(u8, HashMap<u32, Vec<T>>)>,
-    v6: Vec<(u8, HashMap<u128, Vec<T>>)>,
+    v4: Vec<(u8, FxHashMap<u32, Vec<T>>)>,
+    v6: Vec<(u8, FxHashMap<u128, Vec<T>>)>,
 }
 
 impl<T> Default for CidrTable<T> {
@@ -283,7 +284,7 @@ impl<T> CidrTable<T> {
                 let slot = match self.v4.iter().position(|(l, _)| *l == len) {
                     Some(i) => i,
                     None => {
-                        self.v4.push((len, HashMap::new()));
+                        self.v4.push((len, FxHashMap::default()));
                         self.v4.sort_by_key(|e| std::cmp::Reverse(e.0));
                         self.v4.iter().position(|(l, _)| *l == len).unwrap_or(0)
                     }
@@ -296,7 +297,7 @@ impl<T> CidrTable<T> {
                 let slot = match self.v6.iter().position(|(l, _)| *l == len) {
                     Some(i) => i,
                     None => {
-                        self.v6.push((len, HashMap::new()));
+                        self.v6.push((len, FxHashMap::default()));
                         self.v6.sort_by_key(|e| std::cmp::Reverse(e.0));
                         self.v6.iter().position(|(l, _)| *l == len).unwrap_or(0)
                     }

@@ -7,6 +7,7 @@
 
 mod context;
 mod eval;
+mod fxhash;
 mod host;
 mod ip;
 mod parse;
