@@ -58,6 +58,13 @@ struct Args {
     /// Bytes of spool segments on disk before the spool refuses new records.
     #[arg(long, env = "SECUREOPS_SPOOL_MAX_BYTES", default_value_t = 256 << 20)]
     spool_max_bytes: u64,
+    /// Most records committed by one spool fdatasync (group commit).
+    #[arg(long, env = "SECUREOPS_SPOOL_MAX_BATCH", default_value_t = 4096)]
+    spool_max_batch: usize,
+    /// Answer sinkholed queries once their audit record is queued, without
+    /// waiting for the spool's fdatasync (allowed queries always wait).
+    #[arg(long, env = "SECUREOPS_AUDIT_ASYNC_DENY")]
+    audit_async_deny: bool,
     /// Workload this sinkhole enforces for.
     #[arg(long, env = "SECUREOPS_WORKLOAD", default_value = "default")]
     workload: String,
@@ -205,6 +212,7 @@ async fn run(args: Args, threads: usize) -> anyhow::Result<()> {
                 SpoolLimits {
                     max_records: args.spool_max_records,
                     max_bytes: args.spool_max_bytes,
+                    max_batch: args.spool_max_batch.max(1),
                     ..SpoolLimits::default()
                 },
                 pep_metrics.clone(),
@@ -280,6 +288,7 @@ async fn run(args: Args, threads: usize) -> anyhow::Result<()> {
             sinkhole_answer: args.sinkhole_answer,
             pdp_timeout: pdp_guard,
             fail_mode: args.fail_mode,
+            audit_async_deny: args.audit_async_deny,
             ..SinkholeConfig::default()
         },
         pdp,

@@ -72,6 +72,12 @@ pub struct SinkholeConfig {
     pub sinkhole_ttl: u32,
     /// EDNS payload size we advertise to clients.
     pub edns_payload: u16,
+    /// Answer *sinkholed* queries as soon as their audit record is queued,
+    /// without waiting for the spool's fdatasync. Nothing leaves the box for
+    /// them either way; the cost is that a crash inside one group commit
+    /// can lose the record of a denied query. Allowed queries always wait
+    /// for the durable record before anything is answered or forwarded.
+    pub audit_async_deny: bool,
 }
 
 impl Default for SinkholeConfig {
@@ -84,6 +90,7 @@ impl Default for SinkholeConfig {
             fail_mode: FailMode::Closed,
             sinkhole_ttl: 60,
             edns_payload: 1232,
+            audit_async_deny: false,
         }
     }
 }
@@ -269,6 +276,22 @@ impl DnsSinkhole {
     }
 
     /// Audit a query that never reached the PDP (malformed, invalid name).
+    /// Record the audit entry of a sinkholed query (see
+    /// [`SinkholeConfig::audit_async_deny`]).
+    async fn record_deny(&self, finding: AuditFinding) {
+        if self.cfg.audit_async_deny {
+            let audit = self.audit.clone();
+            let failures = self.metrics.audit_failures.clone();
+            tokio::spawn(async move {
+                if audit.record(finding).await.is_err() {
+                    failures.inc();
+                }
+            });
+        } else if self.audit.record(finding).await.is_err() {
+            self.metrics.audit_failures.inc();
+        }
+    }
+
     async fn audit_local_deny(
         &self,
         host: &str,
@@ -296,9 +319,7 @@ impl DnsSinkhole {
             cause: reason,
             detail: "",
         };
-        if self.audit.record(self.finding(&req, &v)).await.is_err() {
-            self.metrics.audit_failures.inc();
-        }
+        self.record_deny(self.finding(&req, &v)).await;
     }
 
     fn response_edns(&self, request: &Request) -> Option<Edns> {
@@ -492,6 +513,11 @@ impl DnsSinkhole {
         let mut verdict = self.decide(&req).await;
         // The record is spooled before anything leaves the box; no record ⇒
         // no forward.
+        if !verdict.outcome.decision.is_allow() {
+            self.count(verdict.outcome.decision, verdict.cause, protocol);
+            self.record_deny(self.finding(&req, &verdict)).await;
+            return self.send_sinkhole(request, handle, qtype).await;
+        }
         if let Err(e) = self.audit.record(self.finding(&req, &verdict)).await {
             tracing::warn!(error = %e, host = %req.host, "audit spool failed: sinkholing");
             self.metrics.audit_failures.inc();

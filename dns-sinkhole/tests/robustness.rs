@@ -397,3 +397,39 @@ fn unusable_spool_refuses_to_start() {
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("LISTENING"));
 }
+
+#[test]
+fn async_deny_audit_still_records_every_query() {
+    let up = Upstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut s = start(
+        &up,
+        &["--spool-dir", spool.to_str().unwrap(), "--audit-async-deny"],
+    );
+    let names = ["evil1.test.", "evil2.test.", "evil3.test.", "allowed.test."];
+    for name in names {
+        udp_query(s.addr, name, RecordType::A).unwrap();
+    }
+    // The allowed query's record is durable before it was answered; the
+    // spool commits in order, so the earlier deny records are too.
+    let _ = s.child.kill();
+    let _ = s.child.wait();
+    let sp = secureops_pep::AuditSpool::open(&spool, secureops_pep::SpoolLimits::default())
+        .expect("open spool");
+    let hosts: Vec<String> = sp
+        .unacked_after(0, 100)
+        .iter()
+        .map(|r| {
+            r.finding
+                .as_ref()
+                .map(|f| f.host.clone())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(
+        hosts,
+        ["evil1.test", "evil2.test", "evil3.test", "allowed.test"]
+    );
+    assert_eq!(up.total(), 1);
+}
