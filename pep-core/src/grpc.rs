@@ -264,9 +264,49 @@ impl Service<CheckRequest> for CheckCall {
             // Propagate the deadline (grpc-timeout) so the PDP stops working
             // on answers nobody waits for.
             r.set_timeout(deadline);
+            inject_trace_context(r.metadata_mut());
             Ok(client.check(r).await?.into_inner())
         })
     }
+}
+
+/// Writes W3C trace-context headers into gRPC metadata for the
+/// OpenTelemetry propagator.
+struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
+
+impl opentelemetry::propagation::Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (
+            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+            tonic::metadata::MetadataValue::try_from(value.as_str()),
+        ) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+/// Carry the current span's trace into the PDP (`traceparent`, plus
+/// `tracestate` when set) so a decision shows up as one trace across PEP
+/// and PDP. `call` runs inside the caller's poll, so `Span::current()` is
+/// the PEP's connection span.
+///
+/// Cheap when tracing is off: a disabled span, or a span without a valid
+/// OpenTelemetry context (no OTLP exporter, hence no OpenTelemetry layer),
+/// returns before any formatting or propagator lookup.
+pub fn inject_trace_context(md: &mut tonic::metadata::MetadataMap) {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let span = tracing::Span::current();
+    if span.is_disabled() {
+        return;
+    }
+    let cx = span.context();
+    if !cx.span().span_context().is_valid() {
+        return;
+    }
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut MetadataInjector(md))
+    });
 }
 
 /// Errors that say "the PDP is not working" and count towards opening the

@@ -39,6 +39,8 @@ pub struct PdpKnobs {
     pub calls: AtomicUsize,
     pub watch_tx: broadcast::Sender<Invalidation>,
     pub watchers: AtomicUsize,
+    /// `traceparent` metadata of the last Check (`None`: absent).
+    pub last_traceparent: Mutex<Option<String>>,
 }
 
 impl PdpKnobs {
@@ -64,7 +66,12 @@ struct FakePdpSvc(Arc<PdpKnobs>);
 
 #[tonic::async_trait]
 impl PolicyDecision for FakePdpSvc {
-    async fn check(&self, _req: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+    async fn check(&self, req: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        *self.0.last_traceparent.lock() = req
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         self.0.calls.fetch_add(1, Ordering::SeqCst);
         let mode = self.0.mode.lock().clone();
         match mode {
@@ -194,6 +201,7 @@ pub fn new_pdp_knobs() -> Arc<PdpKnobs> {
         calls: AtomicUsize::new(0),
         watch_tx,
         watchers: AtomicUsize::new(0),
+        last_traceparent: Mutex::new(None),
     })
 }
 
