@@ -309,6 +309,21 @@ pub fn inject_trace_context(md: &mut tonic::metadata::MetadataMap) {
     });
 }
 
+/// Trace id (32 hex digits) of the current span, when it has a valid
+/// OpenTelemetry context; `None` (and no formatting) otherwise. Used to
+/// stamp `AuditFinding.trace_id` so an audit record leads to its trace.
+pub fn current_trace_id() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let span = tracing::Span::current();
+    if span.is_disabled() {
+        return None;
+    }
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
 /// Errors that say "the PDP is not working" and count towards opening the
 /// breaker: timeouts, transport failures, `Unavailable`, `DeadlineExceeded`
 /// and the statuses a broken server produces (`Unknown`, `Internal`,

@@ -13,7 +13,8 @@
 //! * [`cache`]: [`DecisionCache`], valid only while the PDP `Watch` stream is
 //!   up, flushed on every invalidation;
 //! * [`attribution`]: [`Attributor`], client socket → process identity via
-//!   `/proc`;
+//!   `/proc` and `NETLINK_SOCK_DIAG`, across network namespaces (the clients
+//!   of `secureops run` sit behind a veth pair);
 //! * [`spool`] / [`shipper`]: [`AuditSpool`], the durable local audit spool,
 //!   and [`Shipper`], which delivers it over `Audit.Append` exactly once;
 //! * [`metrics`]: [`PepMetrics`], registered into the binary's registry.
@@ -46,7 +47,10 @@ pub use secureops_proto::v1::{AuditFinding, HostSource, Transport};
 pub use attribution::{AttributionLimits, Attributor, SocketKind};
 pub use breaker::{BreakerConfig, BreakerOpen, BreakerState};
 pub use cache::{CacheConfig, DecisionCache};
-pub use grpc::{GrpcPdp, GrpcPdpConfig, GrpcPdpError, fail_closed_outcome};
+pub use grpc::{
+    GrpcPdp, GrpcPdpConfig, GrpcPdpError, current_trace_id, fail_closed_outcome,
+    inject_trace_context,
+};
 pub use metrics::PepMetrics;
 pub use shipper::{Shipper, ShipperConfig, ShipperError};
 pub use spool::{AuditSpool, SpoolError, SpoolLimits};

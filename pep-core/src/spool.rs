@@ -350,7 +350,16 @@ impl AuditSpool {
 
     /// Append `finding`; returns its `source_seq` once it is durable.
     /// Any `Err` ⇒ the caller denies with `fail_closed:audit_spool`.
-    pub async fn record(&self, finding: AuditFinding) -> Result<u64, SpoolError> {
+    ///
+    /// An empty `trace_id` is filled from the caller's current span when
+    /// OpenTelemetry tracing is on (the PEP records inside the connection's
+    /// span), so the audit record links to the decision's trace.
+    pub async fn record(&self, mut finding: AuditFinding) -> Result<u64, SpoolError> {
+        if finding.trace_id.is_empty()
+            && let Some(t) = crate::grpc::current_trace_id()
+        {
+            finding.trace_id = t;
+        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request { finding, reply })

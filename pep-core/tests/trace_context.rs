@@ -97,3 +97,33 @@ async fn no_traceparent_without_opentelemetry() {
     assert_eq!(knobs.calls(), 1);
     assert_eq!(*knobs.last_traceparent.lock(), None);
 }
+
+/// The audit spool stamps `trace_id` from the current span when empty, and
+/// leaves an explicit one and the untraced case alone.
+#[tokio::test(flavor = "current_thread")]
+async fn spool_stamps_trace_id_of_current_span() {
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("pep-test")));
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let dir = tempfile::tempdir().unwrap();
+    let spool =
+        secureops_pep::AuditSpool::open(dir.path(), secureops_pep::SpoolLimits::default()).unwrap();
+    let f = |trace_id: &str| secureops_pep::AuditFinding {
+        pep_kind: "proxy".into(),
+        host: "github.com".into(),
+        trace_id: trace_id.into(),
+        ..Default::default()
+    };
+    let span = tracing::info_span!("connection");
+    let tid = span.context().span().span_context().trace_id().to_string();
+    spool.record(f("")).instrument(span.clone()).await.unwrap();
+    spool.record(f("explicit")).instrument(span).await.unwrap();
+    spool.record(f("")).await.unwrap();
+    let got: Vec<String> = spool
+        .unacked_after(0, 10)
+        .iter()
+        .map(|r| r.finding.as_ref().unwrap().trace_id.clone())
+        .collect();
+    assert_eq!(got, vec![tid, "explicit".to_string(), String::new()]);
+}
