@@ -446,12 +446,15 @@ fn original_dst_cidr_and_dns_learned() {
         (e.verdict, e.reason.as_str()),
         (Verdict::Allow, "rule:nets")
     );
-    assert_eq!(e.cache_scope, CacheScope::None);
+    assert_eq!(e.cache_scope, CacheScope::Workload);
+    assert_eq!(e.normalized_host.as_deref(), Some("93.184.216.34"));
     let e = od("140.82.121.4").eval(&p, &ctx);
     assert_eq!(
         (e.verdict, e.reason.as_str()),
         (Verdict::Deny, "original_dst_unmatched")
     );
+    // Not cacheable: a DNS answer learned later must let it through.
+    assert_eq!(e.cache_scope, CacheScope::None);
     ctx.add_dns(W, "140.82.121.4".parse().unwrap(), "GitHub.com.");
     let e = od("140.82.121.4").eval(&p, &ctx);
     assert_eq!(e.verdict, Verdict::Allow, "{e:?}");
@@ -461,6 +464,7 @@ fn original_dst_cidr_and_dns_learned() {
         e.reason
     );
     assert!(e.context_dependent);
+    assert_eq!(e.cache_scope, CacheScope::None);
     // Learned by another workload: not ours.
     let e = od("140.82.121.4").workload("agent-2").eval(&p, &ctx);
     assert_eq!(e.verdict, Verdict::Deny);
@@ -607,6 +611,18 @@ rules:
         verdict(&p, &req("10.20.0.9", 5432).exe("/usr/bin/psql")),
         Verdict::Allow
     );
+    // Real globs (not only literal paths) in `processes`.
+    let g = compile(
+        "version: 1\nrules:\n  - id: tools\n    action: allow\n    processes: [\"/opt/*/bin/tool\", \"/usr/lib/**/helper-?\"]\n    destinations: [{host: t.example}]\n",
+    );
+    for (exe, want) in [
+        ("/opt/acme/bin/tool", Verdict::Allow),
+        ("/opt/a/b/bin/tool", Verdict::Deny),
+        ("/usr/lib/x/y/helper-1", Verdict::Allow),
+        ("/usr/lib/helper-12", Verdict::Deny),
+    ] {
+        assert_eq!(verdict(&g, &req("t.example", 443).exe(exe)), want, "{exe}");
+    }
     // Allow rules need a positively identified exe.
     assert_eq!(verdict(&p, &base.clone().process(None)), Verdict::Deny);
     assert_eq!(verdict(&p, &base.clone().exe("")), Verdict::Deny);
@@ -724,6 +740,19 @@ fn dns_query_ignores_ports() {
         .source(HostSource::Unspecified)
         .eval(&p, &MemoryContext::new());
     assert_eq!(e.verdict, Verdict::Deny);
+    // Port 0 is malformed for connections (even with an all-ports rule).
+    let e = req("github.com", 0).eval(&p, &MemoryContext::new());
+    assert_eq!(
+        (e.verdict, e.reason.as_str()),
+        (Verdict::Deny, "invalid_request:port")
+    );
+    let all = compile(
+        "version: 1\nrules:\n  - id: any\n    action: allow\n    destinations: [{host: a.example}, {cidr: 1.2.3.0/24}]\n",
+    );
+    assert_eq!(verdict(&all, &req("a.example", 1)), Verdict::Allow);
+    assert_eq!(verdict(&all, &req("a.example", 65535)), Verdict::Allow);
+    assert_eq!(verdict(&all, &req("a.example", 0)), Verdict::Deny);
+    assert_eq!(verdict(&all, &req("1.2.3.4", 0)), Verdict::Deny);
 }
 
 #[test]

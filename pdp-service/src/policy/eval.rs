@@ -28,7 +28,7 @@ use ipnet::IpNet;
 
 use super::context::ContextView;
 use super::fxhash::FxHashMap;
-use super::host::{HostError, normalize_host, parse_ip_literal};
+use super::host::{HostError, normalize_host, normalize_non_literal, parse_ip_literal};
 use super::ip::{CidrTable, classify_ip};
 use super::parse::{Kind, Node};
 use super::{
@@ -1274,8 +1274,11 @@ impl Compiled {
         if !literal && req.host_source == HostSource::OriginalDst {
             // Transparent connection without SNI / Host: allowed when the
             // workload got this IP in a DNS answer for a name it may reach.
+            // The answer now depends on DNS state that changes without a
+            // policy change: never cache it (a cached deny would outlive
+            // the DNS answer that should let the next attempt through).
+            deps.dns_learned = true;
             for name in ctx.dns_names_for(req.workload, ip) {
-                deps.dns_learned = true;
                 let Ok(n) = normalize_host(&name) else {
                     continue;
                 };
@@ -1320,6 +1323,9 @@ impl Compiled {
         if req.host_source == HostSource::Unspecified {
             return (invalid(deps, "invalid_request:host_source"), None);
         }
+        if req.port == 0 && req.host_source != HostSource::DnsQuery {
+            return (invalid(deps, "invalid_request:port"), None);
+        }
         if req.host.is_empty() {
             return match req.ip {
                 Some(ip) if req.host_source == HostSource::OriginalDst => (
@@ -1342,7 +1348,7 @@ impl Compiled {
             }
             return (self.decide_ip(lit, true, req, ctx, deps), key);
         }
-        match normalize_host(req.host) {
+        match normalize_non_literal(req.host) {
             Ok(name) => {
                 let o = self.decide_name(&name, req, ctx, deps);
                 (o, Some(name))
@@ -1378,15 +1384,15 @@ impl Compiled {
         // Caching (DESIGN §8). Not cacheable: anything resting on state that
         // changes without a policy change and is not signalled per process
         // (escalation state, a taint that will age out, sensor liveness,
-        // DNS-learned addresses), report-mode overrides, and host-less
-        // ORIGINAL_DST decisions (a (host, port) cache key cannot hold them).
+        // DNS-learned addresses) and report-mode overrides. Host-less
+        // ORIGINAL_DST decisions stay cacheable: the PEP cache key includes
+        // the dialled and resolved IPs (pep-core `cache.rs`).
         let no_cache = deps.escalation
             || deps.tainted
             || deps.unattributed
             || deps.dns_learned
             || sensor_checked
-            || would_deny
-            || req.host.is_empty();
+            || would_deny;
         let cache_scope = if no_cache {
             CacheScope::None
         } else if deps.exe || deps.taint {

@@ -45,6 +45,18 @@ pub fn normalize_host(raw: &str) -> Result<String, HostError> {
     if parse_ip_literal(raw).is_some() {
         return Err(HostError::IpLiteral);
     }
+    normalize_non_literal(raw)
+}
+
+/// [`normalize_host`] for text already known not to parse as an IP literal
+/// (the evaluator checks that first to route literals to `cidr` rules).
+pub(crate) fn normalize_non_literal(raw: &str) -> Result<String, HostError> {
+    if raw.is_empty() {
+        return Err(HostError::Empty);
+    }
+    if raw.len() > MAX_RAW_HOST {
+        return Err(HostError::Invalid("too long"));
+    }
     let (mut out, mapped) = if let Some(fast) = ascii_fast_path(raw) {
         (fast, false)
     } else {
