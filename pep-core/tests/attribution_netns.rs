@@ -24,11 +24,15 @@ import os, socket, sys
 proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if proto == "tcp":
     s = socket.create_connection((host, port), timeout=5)
+elif proto == "loop":
+    srv = socket.create_server(("127.0.0.1", 0))
+    s = socket.create_connection(srv.getsockname(), timeout=5)
 else:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.sendto(b"hello", (host, port))
 l = s.getsockname()
-print(os.getpid(), "%s:%d" % (l[0], l[1]), flush=True)
+r = s.getpeername() if proto != "udp" else ("0.0.0.0", 0)
+print(os.getpid(), "%s:%d" % (l[0], l[1]), "%s:%d" % (r[0], r[1]), flush=True)
 sys.stdin.read()
 "#;
 
@@ -91,8 +95,17 @@ impl Link {
         Ok(())
     }
 
-    /// Start the client inside the namespace; returns it and its report.
+    /// Start the client inside the namespace; returns it and its pid.
     fn client(&self, proto: &str, to: SocketAddr) -> Result<(KillOnDrop, u32), String> {
+        self.client_report(proto, to).map(|(c, pid, _)| (c, pid))
+    }
+
+    /// Start the client; returns it, its pid and its socket's (local, remote).
+    fn client_report(
+        &self,
+        proto: &str,
+        to: SocketAddr,
+    ) -> Result<(KillOnDrop, u32, (String, String)), String> {
         let child = self
             .ns
             .command(PYTHON)
@@ -113,12 +126,14 @@ impl Link {
         BufReader::new(out)
             .read_line(&mut line)
             .map_err(|e| format!("client report: {e}"))?;
-        let pid = line
-            .split_whitespace()
+        let mut f = line.split_whitespace();
+        let pid = f
             .next()
             .and_then(|p| p.parse().ok())
             .ok_or_else(|| format!("bad client report {line:?}"))?;
-        Ok((child, pid))
+        let local = f.next().unwrap_or_default().to_string();
+        let remote = f.next().unwrap_or_default().to_string();
+        Ok((child, pid, (local, remote)))
     }
 }
 
@@ -290,15 +305,20 @@ fn loopback_peer_is_never_searched_elsewhere() {
         eprintln!("SKIPPED: {r}");
         return;
     }
-    // A namespace exists, with its own loopback listener on some port; a
-    // loopback address that is not ours must stay unattributed (loopback
-    // traffic cannot cross namespaces).
+    // Inside the namespace, a loopback connection between two of the
+    // client's own sockets: the exact 4-tuple exists there. The same
+    // loopback addresses seen here can only be a socket of *our* netns, so
+    // the foreign search must not be attempted (it would misattribute).
     let link = Link::create().expect("netns + veth");
-    let (_client, _pid) = link
-        .client("udp", "127.0.0.1:9".parse().unwrap())
+    let (_client, pid, (local, remote)) = link
+        .client_report("loop", "127.0.0.1:9".parse().unwrap())
         .expect("client");
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let id =
-        Attributor::new().attribute_tcp(l.local_addr().unwrap(), "127.0.0.1:9".parse().unwrap());
-    assert_eq!(id.pid, 0, "{id:?}");
+    let local: SocketAddr = local.parse().expect("client local");
+    let remote: SocketAddr = remote.parse().expect("client remote");
+    assert!(local.ip().is_loopback());
+    let id = Attributor::new().attribute_tcp(remote, local);
+    assert_eq!(
+        id.pid, 0,
+        "loopback socket of pid {pid} in another netns: {id:?}"
+    );
 }
