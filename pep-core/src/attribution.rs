@@ -131,6 +131,20 @@ impl Attributor {
         self.attribute(SocketKind::Udp, client, Some(server))
     }
 
+    /// Who owns the client socket `client` (`server`: its remote address as
+    /// we know it, `None` when unknown, e.g. a wildcard listener). Same
+    /// search as [`Attributor::attribute_tcp`] / [`Attributor::attribute_udp`],
+    /// including other network namespaces, where the pid search is limited
+    /// to that namespace's members. pid 0 when unknown.
+    pub fn attribute_socket(
+        &self,
+        kind: SocketKind,
+        client: SocketAddr,
+        server: Option<SocketAddr>,
+    ) -> ProcessIdentity {
+        self.attribute(kind, client, server)
+    }
+
     /// [`Attributor::attribute_tcp`] on the blocking pool.
     pub async fn attribute_tcp_async(
         &self,
