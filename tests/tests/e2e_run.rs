@@ -113,6 +113,17 @@ fn run_in_namespace() {
         (0, 0),
         "the attacker saw a connection or bytes"
     );
+    // The process in the other network namespace is attributed (pid, exe).
+    let blocked = String::from_utf8_lossy(&bad.stderr);
+    let line = blocked
+        .lines()
+        .find(|l| l.contains("BLOCKED") && l.contains("attacker.test"))
+        .unwrap_or_else(|| panic!("no BLOCKED line for attacker.test: {blocked}"));
+    assert!(
+        line.contains("curl") && !line.contains(" pid=0 "),
+        "attributed across namespaces: {line}"
+    );
+    assert!(!line.contains("unattributed"), "{line}");
 
     // Exactly one audit entry for that attempt, and the log verifies.
     let audit_dir = data.join("audit");
