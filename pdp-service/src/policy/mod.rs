@@ -4,6 +4,52 @@
 //! The compiled [`Policy`] is immutable, `Send + Sync` and cheap to share in an
 //! `Arc`; policy swaps are therefore a pointer swap and every in-flight check
 //! sees exactly one version.
+//!
+//! # Evaluation order
+//!
+//! 1. `require_sensor: true` and a silent sensor ⇒ DENY
+//!    `fail_closed:sensor_unavailable`.
+//! 2. Malformed input ⇒ DENY `invalid_request:host_source`,
+//!    `invalid_request:port` (port 0 outside DNS), `invalid_host`,
+//!    `invalid_host:empty`, `invalid_host:ip_like` (a name ending in a
+//!    number). `mode: report` never turns these into an allow.
+//! 3. The host is an IP literal (any spelling) ⇒ SNI: DENY `sni_ip_literal`;
+//!    a different dialled IP: DENY `ip_mismatch`; else the IP path (4b).
+//! 4. Candidates = rules whose destination matches (a) for names: exact
+//!    host, `*.` suffixes, plus destination-less deny / escalate rules;
+//!    (b) for IPs: `cidr` destinations (the IPv4 form of a mapped address
+//!    too), plus destination-less *deny* rules only. The first candidate in
+//!    (deny, escalate, allow) × file order whose workload / exe / taint
+//!    conditions hold decides: `rule:<id>`, `tainted:<id>` for a rule with
+//!    `when`, `fail_closed:unattributed` when a deny / escalate rule's exe or
+//!    taint condition could not be checked (no process) and was assumed.
+//!    Escalations consult [`ContextView::escalation_resolution`]:
+//!    approved ⇒ ALLOW `escalation_approved`, denied ⇒ DENY
+//!    `escalation_denied`, else ESCALATE.
+//! 5. Nothing matched: names ⇒ `default_deny` / `default_escalate`;
+//!    IPs ⇒ DENY `special_ip`, `ip_literal_no_cidr`, or for a host-less
+//!    `ORIGINAL_DST` the names the workload learned for the IP from DNS
+//!    are evaluated (ALLOW `dns_learned:<name>:<reason>`), else DENY
+//!    `original_dst_unmatched`.
+//! 6. A non-deny outcome for a name is DENY `dns_rebinding` when the
+//!    dialled IP or any resolved IP is special-purpose and not covered by
+//!    `resolved_ip_allow`. A special IP reached as an IP needs an allow
+//!    rule's `cidr` (an escalate rule is not enough: DENY `special_ip`).
+//! 7. `mode: report`: DENY / ESCALATE become ALLOW with `would_deny`.
+//!
+//! `DNS_QUERY` requests ignore rule ports: a name may be resolved if it is
+//! reachable on some port.
+//!
+//! # Caching (DESIGN §8)
+//!
+//! [`CacheScope::None`] (TTL 0) when the decision rests on state that
+//! changes without a policy change and is not signalled per process:
+//! escalation state, a matched taint (it ages out), an assumed condition,
+//! DNS-learned names, sensor liveness (`require_sensor` policies) or a
+//! report-mode override. Otherwise [`CacheScope::Process`] when an exe or
+//! taint condition was evaluated (an un-tainted process becomes tainted via
+//! a `Watch` invalidation), else [`CacheScope::Workload`]; TTL
+//! [`DEFAULT_CACHE_TTL`] (30 s).
 
 mod context;
 mod eval;
