@@ -669,51 +669,43 @@ pub async fn escalations(cmd: EscalationCmd, ep: &Endpoints, out: &Output) -> Re
             ttl,
             all_ports,
             comment,
-        } => {
-            let ttl = parse_duration(&ttl)?;
-            let e = c
-                .resolve_escalation(pb::ResolveEscalationRequest {
-                    escalation_id: id,
-                    approve: true,
-                    ttl_seconds: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
-                    all_ports,
-                    comment,
-                })
-                .await
-                .context("ResolveEscalation")?
-                .into_inner();
-            out.value(
-                &format!(
-                    "approved {} for {}:{} ({})",
-                    e.id, e.host, e.port, e.workload_id
-                ),
-                &escalation_json(&e),
-            );
-            Ok(0)
-        }
+        } => resolve(&mut c, out, id, true, &ttl, all_ports, comment).await,
         EscalationCmd::Deny { id, ttl, comment } => {
-            let ttl = parse_duration(&ttl)?;
-            let e = c
-                .resolve_escalation(pb::ResolveEscalationRequest {
-                    escalation_id: id,
-                    approve: false,
-                    ttl_seconds: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
-                    all_ports: false,
-                    comment,
-                })
-                .await
-                .context("ResolveEscalation")?
-                .into_inner();
-            out.value(
-                &format!(
-                    "denied {} for {}:{} ({})",
-                    e.id, e.host, e.port, e.workload_id
-                ),
-                &escalation_json(&e),
-            );
-            Ok(0)
+            resolve(&mut c, out, id, false, &ttl, false, comment).await
         }
     }
+}
+
+async fn resolve(
+    c: &mut AdminClient,
+    out: &Output,
+    id: String,
+    approve: bool,
+    ttl: &str,
+    all_ports: bool,
+    comment: String,
+) -> Result<u8> {
+    let ttl = parse_duration(ttl)?;
+    let e = c
+        .resolve_escalation(pb::ResolveEscalationRequest {
+            escalation_id: id,
+            approve,
+            ttl_seconds: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
+            all_ports,
+            comment,
+        })
+        .await
+        .context("ResolveEscalation")?
+        .into_inner();
+    let verb = if approve { "approved" } else { "denied" };
+    out.value(
+        &format!(
+            "{verb} {} for {}:{} ({})",
+            e.id, e.host, e.port, e.workload_id
+        ),
+        &escalation_json(&e),
+    );
+    Ok(0)
 }
 
 pub async fn check(a: CheckArgs, ep: &Endpoints, out: &Output) -> Result<u8> {

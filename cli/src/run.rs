@@ -151,22 +151,19 @@ impl Funnel {
         Ok((f, host_ip, ns_ip))
     }
 
-    fn rule(&mut self, args: &[&str]) -> Result<()> {
+    /// Add one iptables rule, given as its words (`-t nat -A PREROUTING ...`),
+    /// and remember how to delete it.
+    fn rule(&mut self, spec: &str) -> Result<()> {
+        let args: Vec<&str> = spec.split_whitespace().collect();
         let mut add = vec!["iptables", "-w"];
-        add.extend_from_slice(args);
+        add.extend_from_slice(&args);
         sh(&add)?;
-        // Remember the delete form (-I/-A → -D).
-        let del: Vec<String> = args
+        // The delete form: -I/-A become -D (no rule numbers are used).
+        let del = args
             .iter()
-            .enumerate()
-            .filter_map(|(i, a)| {
-                if (*a == "-I" || *a == "-A") && i + 1 < args.len() {
-                    Some("-D".to_string())
-                } else if i > 0 && args[i - 1] == "-I" && a.parse::<u32>().is_ok() {
-                    None
-                } else {
-                    Some(a.to_string())
-                }
+            .map(|a| match *a {
+                "-I" | "-A" => "-D".to_string(),
+                other => other.to_string(),
             })
             .collect();
         self.rules.push(del);
@@ -182,87 +179,32 @@ impl Funnel {
         explicit: SocketAddr,
     ) -> Result<()> {
         let i = self.host_if.clone();
-        let tport = transparent.port().to_string();
-        let dport = dns.port().to_string();
-        let eport = explicit.port().to_string();
+        let (t, d, e, eip) = (
+            transparent.port(),
+            dns.port(),
+            explicit.port(),
+            explicit.ip(),
+        );
+        let pre = format!("-t nat -A PREROUTING -i {i}");
         // Explicit-proxy connections keep their destination (the proxy itself).
-        self.rule(&[
-            "-t",
-            "nat",
-            "-I",
-            "PREROUTING",
-            "-i",
-            &i,
-            "-p",
-            "tcp",
-            "--dport",
-            &eport,
-            "-d",
-            &explicit.ip().to_string(),
-            "-j",
-            "ACCEPT",
-        ])?;
-        self.rule(&[
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-i",
-            &i,
-            "-p",
-            "udp",
-            "--dport",
-            "53",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &dport,
-        ])?;
-        self.rule(&[
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-i",
-            &i,
-            "-p",
-            "tcp",
-            "--dport",
-            "53",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &dport,
-        ])?;
-        self.rule(&[
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-i",
-            &i,
-            "-p",
-            "tcp",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &tport,
-        ])?;
-        self.rule(&["-I", "INPUT", "-i", &i, "-j", "DROP"])?;
-        self.rule(&[
-            "-I", "INPUT", "-i", &i, "-p", "udp", "--dport", &dport, "-j", "ACCEPT",
-        ])?;
-        self.rule(&[
-            "-I", "INPUT", "-i", &i, "-p", "tcp", "--dport", &dport, "-j", "ACCEPT",
-        ])?;
-        self.rule(&[
-            "-I", "INPUT", "-i", &i, "-p", "tcp", "--dport", &tport, "-j", "ACCEPT",
-        ])?;
-        self.rule(&[
-            "-I", "INPUT", "-i", &i, "-p", "tcp", "--dport", &eport, "-j", "ACCEPT",
-        ])?;
-        self.rule(&["-I", "FORWARD", "-i", &i, "-j", "DROP"])?;
-        self.rule(&["-I", "FORWARD", "-o", &i, "-j", "DROP"])?;
+        self.rule(&format!(
+            "-t nat -I PREROUTING -i {i} -p tcp --dport {e} -d {eip} -j ACCEPT"
+        ))?;
+        self.rule(&format!(
+            "{pre} -p udp --dport 53 -j REDIRECT --to-ports {d}"
+        ))?;
+        self.rule(&format!(
+            "{pre} -p tcp --dport 53 -j REDIRECT --to-ports {d}"
+        ))?;
+        self.rule(&format!("{pre} -p tcp -j REDIRECT --to-ports {t}"))?;
+        self.rule(&format!("-I INPUT -i {i} -j DROP"))?;
+        for (proto, port) in [("udp", d), ("tcp", d), ("tcp", t), ("tcp", e)] {
+            self.rule(&format!(
+                "-I INPUT -i {i} -p {proto} --dport {port} -j ACCEPT"
+            ))?;
+        }
+        self.rule(&format!("-I FORWARD -i {i} -j DROP"))?;
+        self.rule(&format!("-I FORWARD -o {i} -j DROP"))?;
         // resolv.conf inside the namespace (ip netns exec bind-mounts it).
         let etc = PathBuf::from("/etc/netns").join(&self.ns);
         std::fs::create_dir_all(&etc)?;
