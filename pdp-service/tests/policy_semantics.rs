@@ -898,3 +898,61 @@ fn source_and_accessors() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Policy>();
 }
+
+#[test]
+fn destination_less_rules_restrict_ip_destinations() {
+    let y = r#"
+version: 1
+rules:
+  - id: ask-when-tainted
+    action: escalate
+    when:
+      process_or_ancestor_opened: ["**/.env"]
+      within: 1m
+  - id: deny-after-ssh-key
+    action: deny
+    when:
+      process_or_ancestor_opened: ["**/.ssh/id_*"]
+      within: 1m
+  - id: nets
+    action: allow
+    destinations: [{cidr: 93.184.216.0/24}]
+"#;
+    let p = compile(y);
+    let mut ctx = MemoryContext::new();
+    assert_eq!(
+        req("93.184.216.34", 443).eval(&p, &ctx).verdict,
+        Verdict::Allow
+    );
+    ctx.add_open(W, P, "/w/.env", Duration::from_secs(1));
+    let e = req("93.184.216.34", 443).eval(&p, &ctx);
+    assert_eq!(
+        (e.verdict, e.reason.as_str()),
+        (Verdict::Escalate, "tainted:ask-when-tainted")
+    );
+    // Approved: the cidr allow rule makes the IP reachable.
+    ctx.resolve(W, "93.184.216.34", 443, true);
+    assert_eq!(
+        req("93.184.216.34", 443).eval(&p, &ctx).verdict,
+        Verdict::Allow
+    );
+    // Approval alone never makes an IP without a cidr allow rule reachable.
+    ctx.resolve(W, "8.8.8.8", 443, true);
+    let e = req("8.8.8.8", 443).eval(&p, &ctx);
+    assert_eq!(
+        (e.verdict, e.reason.as_str()),
+        (Verdict::Deny, "ip_literal_no_cidr")
+    );
+    // A destination-less deny rule denies IP destinations too.
+    ctx.add_open(W, PARENT, "/root/.ssh/id_rsa", Duration::from_secs(1));
+    let e = req("93.184.216.34", 443).eval(&p, &ctx);
+    assert_eq!(
+        (e.verdict, e.reason.as_str()),
+        (Verdict::Deny, "tainted:deny-after-ssh-key")
+    );
+    let e = req("", 443)
+        .source(HostSource::OriginalDst)
+        .ip("93.184.216.34")
+        .eval(&p, &ctx);
+    assert_eq!(e.verdict, Verdict::Deny);
+}

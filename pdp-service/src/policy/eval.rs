@@ -79,6 +79,8 @@ struct Taint {
 }
 
 struct Rule {
+    /// Position in the policy (candidates sort by it).
+    index: u32,
     id: String,
     action: Action,
     workloads: Option<Arc<Globs>>,
@@ -466,8 +468,9 @@ enum Dest {
 }
 
 impl Builder {
-    fn add_rule(&mut self, rule: Rule, dests: Option<Vec<Dest>>) {
+    fn add_rule(&mut self, mut rule: Rule, dests: Option<Vec<Dest>>) {
         let idx = u32::try_from(self.rules.len()).unwrap_or(u32::MAX);
+        rule.index = idx;
         match dests {
             None => self.anydest.push(idx),
             Some(ds) => {
@@ -717,6 +720,7 @@ fn compile_rule(
     let action = action?;
     Some((
         Rule {
+            index: 0,
             reason: format!("rule:{id}"),
             id,
             action,
@@ -857,6 +861,7 @@ pub(crate) fn compile(root: Node, source: &str) -> Result<Compiled, Vec<PolicyEr
     {
         b.add_rule(
             Rule {
+                index: 0,
                 id: ALLOWLIST_RULE_ID.to_owned(),
                 action: Action::Allow,
                 workloads: None,
@@ -1249,27 +1254,52 @@ impl Compiled {
         if canon != ip {
             self.cidrs.for_each_containing(canon, &mut take);
         }
-        // Destination-less rules apply to IPs only when they restrict: IP
-        // destinations are allowed only through `cidr` rules.
-        cands.extend(
-            self.anydest
-                .iter()
-                .copied()
-                .filter(|&r| self.rules[r as usize].action == Action::Deny),
-        );
+        let cidr_matches = cands.len();
+        // Destination-less deny / escalate rules restrict IP destinations
+        // too (a tainted process must not reach an allowed CIDR either).
+        cands.extend_from_slice(&self.anydest);
         self.sort_cands(&mut cands);
         let special = classify_ip(ip).is_some();
         let winner = self.first_applicable(&cands, req, ctx, deps);
-        give_back_cands(cands);
-        match winner {
-            Some(rule) if rule.action == Action::Deny => {
-                return self.rule_outcome(rule, req, &key, ctx, deps);
-            }
+        let outcome = match winner {
             Some(rule) if special && rule.action == Action::Escalate => {
-                return Outcome::new(Verdict::Deny, "special_ip", Some(&rule.id));
+                Some(Outcome::new(Verdict::Deny, "special_ip", Some(&rule.id)))
             }
-            Some(rule) => return self.rule_outcome(rule, req, &key, ctx, deps),
-            None => {}
+            Some(rule) => {
+                let o = self.rule_outcome(rule, req, &key, ctx, deps);
+                // IP destinations are allowed only through `cidr` rules: an
+                // approved destination-less escalation still needs an
+                // applicable allow rule whose CIDR contains the IP.
+                if o.verdict == Verdict::Allow && self.anydest.contains(&rule.index) {
+                    let allow_cidr = cidr_matches > 0
+                        && cands.iter().any(|&r| {
+                            let c = &self.rules[r as usize];
+                            c.action == Action::Allow
+                                && !self.anydest.contains(&r)
+                                && matches!(self.rule_applies(c, req, ctx, deps), Cond::Yes { .. })
+                        });
+                    if allow_cidr {
+                        Some(o)
+                    } else {
+                        Some(Outcome::new(
+                            Verdict::Deny,
+                            if special {
+                                "special_ip"
+                            } else {
+                                "ip_literal_no_cidr"
+                            },
+                            Some(&rule.id),
+                        ))
+                    }
+                } else {
+                    Some(o)
+                }
+            }
+            None => None,
+        };
+        give_back_cands(cands);
+        if let Some(o) = outcome {
+            return o;
         }
         if !literal && req.host_source == HostSource::OriginalDst {
             // Transparent connection without SNI / Host: allowed when the

@@ -18,7 +18,9 @@
 //! 4. Candidates = rules whose destination matches (a) for names: exact
 //!    host, `*.` suffixes, plus destination-less deny / escalate rules;
 //!    (b) for IPs: `cidr` destinations (the IPv4 form of a mapped address
-//!    too), plus destination-less *deny* rules only. The first candidate in
+//!    too), plus destination-less deny / escalate rules (an approved
+//!    destination-less escalation still needs an applicable allow `cidr`).
+//!    The first candidate in
 //!    (deny, escalate, allow) × file order whose workload / exe / taint
 //!    conditions hold decides: `rule:<id>`, `tainted:<id>` for a rule with
 //!    `when`, `fail_closed:unattributed` when a deny / escalate rule's exe or
