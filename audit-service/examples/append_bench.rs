@@ -194,7 +194,11 @@ async fn main() -> Result<()> {
                 if measuring.load(Ordering::Relaxed) {
                     count += 1;
                     if let Some(t0) = t0 {
-                        lat.push(t0.elapsed().as_micros() as u64);
+                        let l = t0.elapsed().as_micros() as u64;
+                        lat.push(l);
+                        if l > 20_000 && std::env::var_os("BENCH_TRACE_SLOW").is_some() {
+                            eprintln!("slow ack {l} us at {:?}", std::time::SystemTime::now());
+                        }
                     }
                 }
                 if stop.load(Ordering::Relaxed) && sent.lock().is_empty() {

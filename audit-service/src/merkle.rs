@@ -119,7 +119,7 @@ impl MerkleTree {
         Ok(self.mth(0, size))
     }
 
-    /// RFC 6962 PATH(index, D[0:size]).
+    /// RFC 6962 `PATH(index, D[0:size])`.
     pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, ProofError> {
         if size > self.size() || index >= size {
             return Err(ProofError::OutOfRange(format!(
@@ -147,7 +147,7 @@ impl MerkleTree {
         }
     }
 
-    /// RFC 6962 PROOF(from, D[0:to]).
+    /// RFC 6962 `PROOF(from, D[0:to])`.
     pub fn consistency_proof(&self, from: u64, to: u64) -> Result<Vec<Hash>, ProofError> {
         if to > self.size() || from > to {
             return Err(ProofError::OutOfRange(format!(
