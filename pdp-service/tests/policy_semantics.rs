@@ -956,3 +956,22 @@ rules:
         .eval(&p, &ctx);
     assert_eq!(e.verdict, Verdict::Deny);
 }
+
+#[test]
+fn host_may_match_prefilter() {
+    use secureops_policy::policy::DefaultAction;
+    let p = compile(BASE);
+    assert_eq!(p.default_action(), DefaultAction::Deny);
+    assert!(p.host_may_match("github.com", 443));
+    assert!(!p.host_may_match("github.com", 22));
+    assert!(p.host_may_match("a.b.githubusercontent.com", 443));
+    assert!(!p.host_may_match("githubusercontent.com", 443));
+    assert!(p.host_may_match("api.example.com", 8050));
+    // Only deny rules match: nothing could allow it.
+    assert!(!p.host_may_match("x.evil.example", 443));
+    assert!(!p.host_may_match("unknown.example", 443));
+    // With `default: escalate` every name may end up allowed.
+    let p = compile("version: 1\ndefault: escalate\n");
+    assert_eq!(p.default_action(), DefaultAction::Escalate);
+    assert!(p.host_may_match("unknown.example", 443));
+}
