@@ -283,16 +283,22 @@ pub fn verify_dir(
     })?;
     let mut prev_hash = [0u8; HASH_LEN];
     let mut next: u64 = 0;
+    let mut buf: Vec<u8> = Vec::new();
     for (first, path) in &segs {
-        let bytes = std::fs::read(path).map_err(|e| VerifyError {
-            index: next,
-            kind: VerifyErrorKind::Io(format!("{}: {e}", path.display())),
-        })?;
-        check_segment_header(&bytes, *first, next, path)?;
+        // One buffer reused for every segment: no fresh page faults per file.
+        buf.clear();
+        std::fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut buf))
+            .map_err(|e| VerifyError {
+                index: next,
+                kind: VerifyErrorKind::Io(format!("{}: {e}", path.display())),
+            })?;
+        let bytes = &buf[..];
+        check_segment_header(bytes, *first, next, path)?;
         // Phase 0 (sequential, cheap): frame boundaries from the length fields.
-        let (spans, framing_error) = frame_spans(&bytes);
+        let (spans, framing_error) = frame_spans(bytes);
         // Phase 1 (parallel): CRC, canonical encoding, leaf hash per frame.
-        let checked = check_frames_parallel(&bytes, &spans, path);
+        let checked = check_frames_parallel(bytes, &spans, path);
         // Phase 2 (sequential, in log order): indexes, chain, time, roots.
         for r in checked {
             let (h, leaf) = r.map_err(|kind| VerifyError { index: next, kind })?;
