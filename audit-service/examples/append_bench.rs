@@ -12,6 +12,8 @@
 //! via taskset; `--server-arg X` passes flags through).
 //! `--keep DIR` leaves the log in DIR (a fresh directory) for later
 //! `secureops-audit verify --dir DIR --pubkey DIR/audit.key.pub`.
+//! `BENCH_TRACE_SLOW=1` prints every ack slower than 20 ms with its time
+//! (how the missing TCP_NODELAY was found: slow acks came per whole window).
 
 use anyhow::{Context, Result, bail};
 use secureops_proto::v1::{AuditFinding, AuditRecord};
