@@ -345,3 +345,32 @@ async fn explicit_missing_signing_key_fails_closed_and_bad_flags_refused() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+#[tokio::test]
+async fn without_credentials_every_append_is_refused_and_bad_tokens_file_fails_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let tokens = tmp.path().join("tokens");
+    std::fs::write(&tokens, "# no sources configured\n").unwrap();
+    let srv = Server::spawn(&data, &tokens, &[]);
+    let e = match open_append(&srv.addr(), Some(&token(0))).await {
+        Err(e) => e,
+        Ok(mut s) => {
+            s.tx.send(record("pep-0", 1)).await.unwrap();
+            s.acks.message().await.unwrap_err()
+        }
+    };
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert_eq!(entries_count(&srv.addr()).await, 0);
+    // A weak (short) token is a configuration error: refuse to start.
+    let bad = tmp.path().join("bad-tokens");
+    std::fs::write(&bad, "pep-0 short\n").unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--tokens-file"])
+        .arg(&bad)
+        .env("SECUREOPS_DATA_DIR", tmp.path().join("data2"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shorter than 16"));
+}
