@@ -213,21 +213,12 @@ async fn prove(a: ProveArgs) -> Result<u8> {
     Ok(0)
 }
 
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
-
 async fn serve(a: ServeArgs) -> Result<u8> {
-    init_tracing(&a.log_format);
+    // Text or JSON logs on stderr; OTLP trace export when
+    // OTEL_EXPORTER_OTLP_ENDPOINT is set (shared with every SecureOps binary).
+    let format: secureops_pep::telemetry::LogFormat =
+        a.log_format.parse().map_err(anyhow::Error::msg)?;
+    let _telemetry = secureops_pep::telemetry::init_tracing("secureops-audit", format)?;
     if a.batch_delay_ms > 5 {
         bail!("--batch-delay-ms must be at most 5");
     }
