@@ -178,6 +178,7 @@ async fn main() -> Result<()> {
                         source_id: source.clone(),
                         source_seq: seq,
                         finding: Some(finding(seq)),
+                        trace_parent: String::new(),
                     };
                     sent2.lock().push_back(Instant::now());
                     if tx.send(r).await.is_err() {

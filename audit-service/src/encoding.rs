@@ -438,6 +438,7 @@ mod tests {
             source_id: "a".into(),
             source_seq: 1,
             finding: Some(finding()),
+            trace_parent: String::new(),
         };
         assert!(validate_record(&ok).is_ok());
         let mut r = ok.clone();

@@ -197,6 +197,12 @@ fn commit(w: &mut LogWriter, batch: &mut Vec<Item>, metrics: &Metrics) -> Result
         return Ok(());
     }
     let t0 = Instant::now();
+    // One `audit.append` span per traced record, opened before the write so
+    // it covers the append and its fdatasync; `None` for untraced records.
+    let spans: Vec<Option<tracing::Span>> = batch
+        .iter()
+        .map(|i| i.record.as_ref().ok().and_then(append_span))
+        .collect();
     let valid: Vec<(&str, u64, &secureops_proto::v1::AuditFinding)> = batch
         .iter()
         .filter_map(|i| match &i.record {
@@ -220,13 +226,17 @@ fn commit(w: &mut LogWriter, batch: &mut Vec<Item>, metrics: &Metrics) -> Result
     metrics.fsync_seconds.observe(t0.elapsed().as_secs_f64());
     metrics.batch_records.observe(batch.len() as f64);
     let mut outs = outcomes.into_iter();
-    for item in batch.drain(..) {
+    for (item, span) in batch.drain(..).zip(spans) {
         let ack = match item.record {
             Ok(r) => {
                 let Appended { index, duplicate } = outs.next().unwrap_or(Appended {
                     index: 0,
                     duplicate: false,
                 });
+                if let Some(span) = span {
+                    span.record("index", index);
+                    span.record("duplicate", duplicate);
+                }
                 if duplicate {
                     metrics.duplicates.inc();
                 } else {
@@ -255,6 +265,58 @@ fn commit(w: &mut LogWriter, batch: &mut Vec<Item>, metrics: &Metrics) -> Result
     }
     metrics.entries.set(w.size() as i64);
     Ok(())
+}
+
+/// Reads a W3C `traceparent` from a record's `trace_parent` field for the
+/// global OpenTelemetry propagator.
+struct TraceParentCarrier<'a>(&'a str);
+
+impl opentelemetry::propagation::Extractor for TraceParentCarrier<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        (key == "traceparent").then_some(self.0)
+    }
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent"]
+    }
+}
+
+/// An `audit.append` span parented on the PEP's decision span (the record's
+/// `trace_parent`), so proxy → PDP → audit shows up as one trace.
+///
+/// Cheap when tracing is off: an untraced record (empty `trace_parent`, what
+/// a PEP without an OTLP exporter sends) returns `None` at once; a malformed
+/// traceparent returns `None` before any span exists (so nothing is
+/// exported for it); a bad traceparent never affects the append itself.
+fn append_span(r: &AuditRecord) -> Option<tracing::Span> {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    // A W3C traceparent is 55 bytes; anything much longer is not one (and
+    // is not worth parsing: the field is not length-checked on the way in
+    // because it is never stored).
+    if r.trace_parent.is_empty() || r.trace_parent.len() > 128 {
+        return None;
+    }
+    // Parse before creating the span: a span once created is exported on
+    // drop (as a root span) even if it is then discarded here.
+    let parent = opentelemetry::global::get_text_map_propagator(|p| {
+        p.extract(&TraceParentCarrier(&r.trace_parent))
+    });
+    if !parent.span().span_context().is_remote() || !parent.span().span_context().is_valid() {
+        return None;
+    }
+    let span = tracing::info_span!(
+        "audit.append",
+        source_id = %r.source_id,
+        source_seq = r.source_seq,
+        index = tracing::field::Empty,
+        duplicate = tracing::field::Empty,
+    );
+    if span.is_disabled() {
+        return None;
+    }
+    // Without an OpenTelemetry layer (no exporter) there is nothing to link.
+    span.set_parent(parent).ok()?;
+    Some(span)
 }
 
 /// Per-source Append credentials: `SHA-256(token) -> source_id`. Tokens are
@@ -594,5 +656,55 @@ impl Audit for AuditService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    fn rec(trace_parent: &str) -> AuditRecord {
+        AuditRecord {
+            source_id: "pep".into(),
+            source_seq: 1,
+            finding: None,
+            trace_parent: trace_parent.into(),
+        }
+    }
+
+    /// With an OpenTelemetry layer, a record's traceparent becomes the
+    /// parent of its `audit.append` span; untraced or malformed ones get no
+    /// span at all.
+    #[test]
+    fn append_span_continues_the_records_trace() {
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("audit-test")));
+        let _g = tracing::subscriber::set_default(subscriber);
+        let tp = "00-5ec0b5000000000000000000000a0d17-00f067aa0ba902b7-01";
+        let span = append_span(&rec(tp)).expect("traced record gets a span");
+        let cx = span.context();
+        let sc = cx.span().span_context().clone();
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "5ec0b5000000000000000000000a0d17"
+        );
+        assert!(append_span(&rec("")).is_none());
+        assert!(append_span(&rec("not-a-traceparent")).is_none());
+        assert!(append_span(&rec(&"0".repeat(10_000))).is_none());
+    }
+
+    /// Without an OpenTelemetry layer (no exporter) nothing is linked.
+    #[test]
+    fn append_span_is_none_without_opentelemetry() {
+        let _g = tracing::subscriber::set_default(tracing_subscriber::registry());
+        let tp = "00-5ec0b5000000000000000000000a0d17-00f067aa0ba902b7-01";
+        assert!(append_span(&rec(tp)).is_none());
     }
 }

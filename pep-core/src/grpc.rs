@@ -324,6 +324,41 @@ pub fn current_trace_id() -> Option<String> {
     sc.is_valid().then(|| sc.trace_id().to_string())
 }
 
+/// W3C `traceparent` (`00-<trace id>-<span id>-<flags>`) of the current
+/// span, when it has a valid OpenTelemetry context; `None` (and no
+/// formatting) otherwise. The spool puts it into `AuditRecord.trace_parent`
+/// so the audit service can record its append as a child of the decision.
+///
+/// Formatted directly (the W3C format is fixed) rather than through the
+/// global propagator, so it does not depend on which propagator is set.
+pub fn current_trace_parent() -> Option<String> {
+    current_span_context().map(|sc| traceparent(&sc))
+}
+
+/// The current span's OpenTelemetry context when valid (cheap early return
+/// for a disabled span or no OpenTelemetry layer).
+pub(crate) fn current_span_context() -> Option<opentelemetry::trace::SpanContext> {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let span = tracing::Span::current();
+    if span.is_disabled() {
+        return None;
+    }
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then_some(sc)
+}
+
+/// W3C trace-context `traceparent` header value of `sc` (version 00).
+pub(crate) fn traceparent(sc: &opentelemetry::trace::SpanContext) -> String {
+    format!(
+        "00-{}-{}-{:02x}",
+        sc.trace_id(),
+        sc.span_id(),
+        sc.trace_flags().to_u8()
+    )
+}
+
 /// Errors that say "the PDP is not working" and count towards opening the
 /// breaker: timeouts, transport failures, `Unavailable`, `DeadlineExceeded`
 /// and the statuses a broken server produces (`Unknown`, `Internal`,

@@ -48,8 +48,8 @@ pub use attribution::{AttributionLimits, Attributor, SocketKind};
 pub use breaker::{BreakerConfig, BreakerOpen, BreakerState};
 pub use cache::{CacheConfig, DecisionCache};
 pub use grpc::{
-    GrpcPdp, GrpcPdpConfig, GrpcPdpError, current_trace_id, fail_closed_outcome,
-    inject_trace_context,
+    GrpcPdp, GrpcPdpConfig, GrpcPdpError, current_trace_id, current_trace_parent,
+    fail_closed_outcome, inject_trace_context,
 };
 pub use metrics::PepMetrics;
 pub use shipper::{Shipper, ShipperConfig, ShipperError};

@@ -119,6 +119,8 @@ struct State {
 
 struct Request {
     finding: AuditFinding,
+    /// W3C traceparent of the recording span (empty when untraced).
+    trace_parent: String,
     reply: oneshot::Sender<Result<u64, SpoolError>>,
 }
 
@@ -353,16 +355,27 @@ impl AuditSpool {
     ///
     /// An empty `trace_id` is filled from the caller's current span when
     /// OpenTelemetry tracing is on (the PEP records inside the connection's
-    /// span), so the audit record links to the decision's trace.
+    /// span), so the audit record links to the decision's trace. The same
+    /// span's W3C `traceparent` goes into `AuditRecord.trace_parent` (spooled
+    /// with the record, so it survives a restart) for the audit service to
+    /// join the trace.
     pub async fn record(&self, mut finding: AuditFinding) -> Result<u64, SpoolError> {
-        if finding.trace_id.is_empty()
-            && let Some(t) = crate::grpc::current_trace_id()
-        {
-            finding.trace_id = t;
-        }
+        let trace_parent = match crate::grpc::current_span_context() {
+            Some(sc) => {
+                if finding.trace_id.is_empty() {
+                    finding.trace_id = sc.trace_id().to_string();
+                }
+                crate::grpc::traceparent(&sc)
+            }
+            None => String::new(),
+        };
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Request { finding, reply })
+            .send(Request {
+                finding,
+                trace_parent,
+                reply,
+            })
             .map_err(|_| SpoolError::Closed)?;
         rx.await.map_err(|_| SpoolError::Closed)?
     }
@@ -537,6 +550,7 @@ impl Writer {
                 source_id: String::new(),
                 source_seq: self.next_seq + accepted.len() as u64,
                 finding: Some(req.finding),
+                trace_parent: req.trace_parent,
             };
             let payload = rec.encode_to_vec();
             if payload.len() > MAX_FRAME {

@@ -127,3 +127,57 @@ async fn spool_stamps_trace_id_of_current_span() {
         .collect();
     assert_eq!(got, vec![tid, "explicit".to_string(), String::new()]);
 }
+
+/// The spool also records the span's W3C `traceparent` in
+/// `AuditRecord.trace_parent` (what the audit service joins the trace
+/// with), leaves it empty when untraced, and keeps it across a reopen (it is
+/// part of the spooled record, not in-memory state).
+#[tokio::test(flavor = "current_thread")]
+async fn spool_records_traceparent_and_keeps_it_across_reopen() {
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("pep-test")));
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let dir = tempfile::tempdir().unwrap();
+    let f = || secureops_pep::AuditFinding {
+        pep_kind: "proxy".into(),
+        host: "github.com".into(),
+        ..Default::default()
+    };
+    let span = tracing::info_span!("connection");
+    let sc = span.context().span().span_context().clone();
+    assert!(sc.is_valid());
+    let want = format!("00-{}-{}-01", sc.trace_id(), sc.span_id());
+    {
+        let spool =
+            secureops_pep::AuditSpool::open(dir.path(), secureops_pep::SpoolLimits::default())
+                .unwrap();
+        spool.record(f()).instrument(span).await.unwrap();
+        spool.record(f()).await.unwrap();
+        let got: Vec<String> = spool
+            .unacked_after(0, 10)
+            .into_iter()
+            .map(|r| r.trace_parent)
+            .collect();
+        assert_eq!(got, vec![want.clone(), String::new()]);
+    }
+    // The writer thread holds the directory lock until it has seen the
+    // channel close; retry the reopen briefly.
+    let mut reopened = None;
+    for _ in 0..100 {
+        match secureops_pep::AuditSpool::open(dir.path(), secureops_pep::SpoolLimits::default()) {
+            Ok(s) => {
+                reopened = Some(s);
+                break;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+    let spool = reopened.expect("spool reopens");
+    let got: Vec<(u64, String)> = spool
+        .unacked_after(0, 10)
+        .into_iter()
+        .map(|r| (r.source_seq, r.trace_parent))
+        .collect();
+    assert_eq!(got, vec![(1, want), (2, String::new())]);
+}

@@ -180,6 +180,7 @@ pub fn record(source: &str, seq: u64) -> AuditRecord {
         source_id: source.into(),
         source_seq: seq,
         finding: Some(finding(seq)),
+        trace_parent: String::new(),
     }
 }
 
