@@ -1,0 +1,254 @@
+//! Trace context across the audit hop, received by an OTLP/gRPC collector
+//! this test runs: the real `secureops-audit`, started with
+//! `OTEL_EXPORTER_OTLP_ENDPOINT`, records each appended record that carries
+//! a W3C `AuditRecord.trace_parent` as an `audit.append` span in that trace,
+//! parented on the PEP's span (the audit part of "one trace spanning proxy,
+//! PDP and audit").
+//!
+//! Needs the binary built (`cargo build -p secureops-audit --bins`);
+//! otherwise prints `SKIPPED`.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use secureops_test_support::{Service, bin_path, skip};
+
+const AUDIT: &str = "secureops-audit";
+
+#[derive(Debug, Clone)]
+struct ReceivedSpan {
+    service: String,
+    name: String,
+    trace_id: Vec<u8>,
+    span_id: Vec<u8>,
+    parent_span_id: Vec<u8>,
+}
+
+#[derive(Default, Clone)]
+struct Collector {
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+}
+
+impl Collector {
+    fn snapshot(&self) -> Vec<ReceivedSpan> {
+        self.spans.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let req = request.into_inner();
+        let mut out = Vec::new();
+        for rs in req.resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| r.attributes.iter())
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| kv.value.as_ref())
+                .and_then(|v| match &v.value {
+                    Some(AnyValue::StringValue(s)) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    out.push(ReceivedSpan {
+                        service: service.clone(),
+                        name: s.name,
+                        trace_id: s.trace_id,
+                        span_id: s.span_id,
+                        parent_span_id: s.parent_span_id,
+                    });
+                }
+            }
+        }
+        if let Ok(mut v) = self.spans.lock() {
+            v.extend(out);
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Start the OTLP/gRPC collector on 127.0.0.1:0.
+async fn start_collector() -> (
+    Collector,
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) {
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind collector: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("collector addr: {e}"));
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (collector, addr, server)
+}
+
+/// Environment of a service exporting to the collector at `addr`.
+fn otel_env(addr: std::net::SocketAddr) -> Vec<(&'static str, String)> {
+    vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}")),
+        // Short batch delay: spans arrive within a fraction of a second.
+        ("OTEL_BSP_SCHEDULE_DELAY", "200".to_string()),
+        ("RUST_LOG", "info".to_string()),
+    ]
+}
+
+async fn spawn(
+    bin: std::path::PathBuf,
+    args: Vec<String>,
+    env: Vec<(&'static str, String)>,
+    expect: &'static [&'static str],
+) -> Service {
+    let name = bin.display().to_string();
+    let r = tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Service::spawn_with(&bin, &args, &env, expect)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("spawn task: {e}"));
+    r.unwrap_or_else(|e| panic!("{name} did not start: {e}"))
+}
+
+/// The audit hop alone: a record whose `trace_parent` carries a W3C
+/// traceparent yields an `audit.append` span in that trace, parented on the
+/// given span; a record without one (or with garbage) yields no span and is
+/// appended all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_otlp_audit_append_joins_the_records_trace() {
+    use secureops_proto::v1::audit_client::AuditClient;
+    use secureops_proto::v1::{AuditFinding, AuditRecord};
+    let audit_bin = bin_path(AUDIT);
+    if !audit_bin.exists() {
+        skip!(
+            "OTLP audit test: {} not built (cargo build -p secureops-audit --bins)",
+            audit_bin.display()
+        );
+    }
+    let (collector, otlp_addr, server) = start_collector().await;
+    let dir = std::env::temp_dir().join(format!("secureops-otlp-audit-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("audit")).unwrap_or_else(|e| panic!("mkdir: {e}"));
+    let token = "otlp-audit-test-token-0123456789";
+    let tokens_file = dir.join("audit-tokens");
+    std::fs::write(&tokens_file, format!("pep-otlp {token}\n"))
+        .unwrap_or_else(|e| panic!("write tokens: {e}"));
+    let audit = spawn(
+        audit_bin,
+        vec![
+            "serve".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            dir.join("audit").to_string_lossy().into_owned(),
+            "--tokens-file".into(),
+            tokens_file.to_string_lossy().into_owned(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+        ],
+        otel_env(otlp_addr),
+        &["grpc"],
+    )
+    .await;
+
+    let trace_id = "5ec0b5000000000000000000000a0d17";
+    let parent_id = "00f067aa0ba902b7";
+    let rec = |seq: u64, trace_parent: &str| AuditRecord {
+        source_id: "pep-otlp".into(),
+        source_seq: seq,
+        finding: Some(AuditFinding {
+            pep_kind: "proxy".into(),
+            pep_id: "pep-otlp".into(),
+            host: format!("h{seq}.test"),
+            request_id: format!("r{seq}"),
+            ..Default::default()
+        }),
+        trace_parent: trace_parent.into(),
+    };
+    let records = vec![
+        rec(1, ""),
+        rec(2, "not-a-traceparent"),
+        rec(3, &format!("00-{trace_id}-{parent_id}-01")),
+    ];
+    let mut client = AuditClient::connect(audit.url("grpc"))
+        .await
+        .unwrap_or_else(|e| panic!("connect audit: {e}"));
+    let mut req = tonic::Request::new(tokio_stream::iter(records));
+    if let Ok(v) = format!("Bearer {token}").parse() {
+        req.metadata_mut().insert("authorization", v);
+    }
+    let mut acks = client
+        .append(req)
+        .await
+        .unwrap_or_else(|e| panic!("Append: {e}"))
+        .into_inner();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        match tokio::time::timeout(Duration::from_secs(10), acks.message()).await {
+            Ok(Ok(Some(a))) => got.push(a),
+            other => panic!("ack {}: {other:?}", got.len() + 1),
+        }
+    }
+    for (i, a) in got.iter().enumerate() {
+        assert!(a.error.is_empty(), "record {} rejected: {a:?}", i + 1);
+    }
+    let index3 = got[2].index;
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let span = loop {
+        let spans = collector.snapshot();
+        if let Some(s) = spans.iter().find(|s| s.service == AUDIT) {
+            break s.clone();
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "no audit span within 15 s (index {index3});\naudit stderr:\n{}",
+                audit.stderr_text()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(span.name, "audit.append");
+    assert_eq!(
+        (hex(&span.trace_id), hex(&span.parent_span_id)),
+        (trace_id.to_string(), parent_id.to_string()),
+        "joins the record's trace as a child of the PEP span: {span:?} (all: {:?})",
+        collector.snapshot()
+    );
+    assert_eq!(span.span_id.len(), 8, "a span id of its own: {span:?}");
+    // Give a straggler batch a moment: the untraced records made no span.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let audit_spans = collector
+        .snapshot()
+        .into_iter()
+        .filter(|s| s.service == AUDIT)
+        .count();
+    assert_eq!(audit_spans, 1, "only the traced record makes a span");
+    drop(audit);
+    server.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}
