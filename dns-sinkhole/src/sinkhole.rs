@@ -1,6 +1,7 @@
 //! [`DnsSinkhole`]: the hickory-server [`RequestHandler`] that decides every
 //! query through the PDP and either forwards it or sinkholes it.
 
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -282,11 +283,19 @@ impl DnsSinkhole {
         if self.cfg.audit_async_deny {
             let audit = self.audit.clone();
             let failures = self.metrics.audit_failures.clone();
-            tokio::spawn(async move {
+            let mut fut = Box::pin(async move {
                 if audit.record(finding).await.is_err() {
                     failures.inc();
                 }
             });
+            // Poll once here so the record is queued in the spool *before*
+            // the answer goes out (the spool commits in queue order); only
+            // the wait for its fdatasync continues in the background.
+            let waker = futures::task::noop_waker();
+            let mut cx = std::task::Context::from_waker(&waker);
+            if fut.as_mut().poll(&mut cx).is_pending() {
+                tokio::spawn(fut);
+            }
         } else if self.audit.record(finding).await.is_err() {
             self.metrics.audit_failures.inc();
         }

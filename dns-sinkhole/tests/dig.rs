@@ -120,3 +120,44 @@ fn truncated_udp_answer_is_retried_over_tcp() {
     let d = dig(s.addr, "big3.wild.test", "A", &["+notcp", "+ignore"]);
     assert!(d.flags.contains("tc"), "{}", d.stdout);
 }
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+        .unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn ops_endpoint_serves_metrics_and_readiness() {
+    let up = Upstream::start();
+    let s = start(&up, &["--metrics-listen", "127.0.0.1:0"]);
+    let m = s.metrics.expect("LISTENING metrics line");
+    assert_eq!(dig(s.addr, "allowed.test", "A", &[]).status, "NOERROR");
+    assert_eq!(dig(s.addr, "evil.test", "A", &[]).status, "NXDOMAIN");
+    let body = http_get(m, "/metrics");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(
+        body.contains(
+            r#"secureops_dns_queries_total{decision="deny",cause="policy",transport="udp"} 1"#
+        ),
+        "{body}"
+    );
+    assert!(
+        body.contains(
+            r#"secureops_dns_queries_total{decision="allow",cause="policy",transport="udp"} 1"#
+        ),
+        "{body}"
+    );
+    assert!(body.contains("secureops_dns_forwarded_total 1"), "{body}");
+    assert!(http_get(m, "/readyz").starts_with("HTTP/1.1 200"));
+    assert!(http_get(m, "/healthz").starts_with("HTTP/1.1 200"));
+}

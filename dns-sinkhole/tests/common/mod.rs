@@ -172,10 +172,18 @@ pub fn answer_for(req: &Message, max_payload: Option<u16>) -> Vec<u8> {
 
 impl Upstream {
     pub fn start() -> Upstream {
-        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind upstream udp");
-        let addr = udp.local_addr().unwrap();
-        let tcp = TcpListener::bind(addr).expect("bind upstream tcp");
-        Self::start_on(udp, tcp)
+        // UDP picks the port; TCP must get the same number, which another
+        // test may hold: retry with a fresh UDP port.
+        for _ in 0..50 {
+            let udp = UdpSocket::bind("127.0.0.1:0").expect("bind upstream udp");
+            let addr = udp.local_addr().unwrap();
+            match TcpListener::bind(addr) {
+                Ok(tcp) => return Self::start_on(udp, tcp),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                Err(e) => panic!("bind upstream tcp: {e}"),
+            }
+        }
+        panic!("no port free for both UDP and TCP");
     }
 
     /// Serve on already-bound sockets (e.g. bound inside a netns).
