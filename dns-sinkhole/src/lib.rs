@@ -9,6 +9,23 @@
 //! record per query is written before anything is forwarded. Allowed names
 //! under a wildcard additionally spend an information budget
 //! ([`exfil`]) so DNS cannot be used as a tunnel.
+//!
+//! Shape of the implementation:
+//! * [`DnsSinkhole`] is a hickory-server 0.26 `RequestHandler`. TCP is served
+//!   by hickory's `Server`; UDP by [`server::serve_udp`] (hickory's request
+//!   parsing and the same handler, without hickory's per-socket stream and
+//!   channel hop). UDP and TCP share one port (port 0 allowed).
+//! * Malformed input never reaches the PDP or the upstream: undecodable
+//!   messages get FORMERR, qdcount ≠ 1 FORMERR, non-QUERY opcodes NOTIMP,
+//!   AXFR/IXFR/ANY/non-IN REFUSED, responses and runts are dropped.
+//! * Allowed names go through [`forward::Forwarder`] (own lean UDP forwarder,
+//!   id + question matching, per-attempt timeout, failover, TCP on TC) and the
+//!   TTL-respecting [`cache::AnswerCache`]; answer addresses are reported to
+//!   the PDP ([`context::ContextReporter`]).
+//! * Every query gets one audit record ([`audit::AuditSink`], the pep-core
+//!   spool in production) before anything is answered or forwarded; a spool
+//!   error sinkholes the query (`fail_closed:audit_spool`).
+//! * Queries are attributed to their local process ([`attribution`]).
 
 pub mod attribution;
 pub mod audit;
