@@ -184,6 +184,9 @@ pub struct ProxyConfig {
     /// `SO_MARK` for upstream sockets, so a transparent `REDIRECT` rule can
     /// exclude the proxy's own traffic.
     pub upstream_mark: Option<u32>,
+    /// Bytes a tunnel direction copies before switching to `splice(2)`
+    /// (`0` = never splice).
+    pub splice_after: u64,
 }
 
 impl Default for ProxyConfig {
@@ -199,6 +202,7 @@ impl Default for ProxyConfig {
             peek_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(5),
             upstream_mark: None,
+            splice_after: tunnel::SPLICE_AFTER,
         }
     }
 }
@@ -440,9 +444,10 @@ impl EgressProxy {
         }
         drop(first);
         let metrics = self.metrics.clone();
+        let splice_after = self.cfg.splice_after;
         tokio::spawn(async move {
             metrics.tunnels_active.inc();
-            let _ = tunnel::tunnel(&client, &upstream).await;
+            let _ = tunnel::tunnel(&client, &upstream, splice_after).await;
             metrics.tunnels_active.dec();
         });
     }

@@ -104,6 +104,9 @@ struct Args {
     /// Grace period for open connections at shutdown.
     #[arg(long, env = "SECUREOPS_SHUTDOWN_GRACE_MS", default_value_t = 5000)]
     shutdown_grace_ms: u64,
+    /// Bytes a tunnel direction copies before switching to splice(2); 0 = never.
+    #[arg(long, env = "SECUREOPS_SPLICE_AFTER_BYTES", default_value_t = 262144)]
+    splice_after_bytes: u64,
     /// Do not attribute client sockets to processes (/proc lookups); every
     /// request then carries pid 0 and process rules cannot match.
     #[arg(long, env = "SECUREOPS_NO_ATTRIBUTION")]
@@ -221,6 +224,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         peek_timeout: Duration::from_millis(args.peek_timeout_ms),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         upstream_mark: args.upstream_mark,
+        splice_after: args.splice_after_bytes,
     };
     let mut proxy = EgressProxy::new(cfg, pdp, audit, resolver, metrics);
     if args.no_attribution {
