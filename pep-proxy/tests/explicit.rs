@@ -555,3 +555,31 @@ fn metrics_export_the_enforcement_tier() {
         "{out}"
     );
 }
+
+#[test]
+fn sigterm_stops_accepting_and_exits_within_the_grace_period() {
+    let up = CountingUpstream::start("127.0.0.1:0");
+    let mut proxy = Proxy::spawn(&[
+        "--allow",
+        "allowed.test",
+        "--resolve",
+        "allowed.test=127.0.0.1",
+        "--shutdown-grace-ms",
+        "500",
+    ]);
+    // An open tunnel and a half-sent request head are in flight.
+    let (_tunnel, head) = connect_via(proxy.addr, &format!("allowed.test:{}", up.addr.port()));
+    assert!(head.starts_with("HTTP/1.1 200"));
+    let mut half = TcpStream::connect(proxy.addr).unwrap();
+    half.write_all(b"CONNECT allowed.test:443 HTTP/1.1\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(proxy.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let st = proxy.wait_exit(Duration::from_secs(5));
+    assert!(st.is_some_and(|s| s.success()), "exit status {st:?}");
+    assert!(TcpStream::connect(proxy.addr).is_err(), "still accepting");
+}
