@@ -14,6 +14,7 @@ mod audit;
 mod output;
 mod run;
 mod stack;
+mod userns;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -87,6 +88,9 @@ enum Cmd {
     Audit(audit::AuditCmd),
     /// Ask the PDP what it would decide for HOST[:PORT].
     Check(admin::CheckArgs),
+    /// Internal: the inside of `run`'s rootless namespace.
+    #[command(name = "__ns-shim", hide = true)]
+    NsShim(userns::ShimArgs),
     /// Print shell completions.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -115,6 +119,7 @@ fn main() -> ExitCode {
             Cmd::Escalations(c) => admin::escalations(c, &cli.endpoints, &out).await,
             Cmd::Audit(c) => audit::audit(c, &cli.endpoints, &out).await,
             Cmd::Check(a) => admin::check(a, &cli.endpoints, &out).await,
+            Cmd::NsShim(a) => userns::shim(a).await,
             Cmd::Completions { shell } => {
                 clap_complete::generate(
                     shell,

@@ -62,6 +62,10 @@ pub struct RunArgs {
 pub enum RunTier {
     /// Own network namespace + transparent redirect + proxy variables.
     Namespace,
+    /// Rootless: own user + network namespace, only relays to the proxy and
+    /// the sinkhole inside (no transparent redirect; everything else has no
+    /// route).
+    UserNamespace,
     /// Proxy variables only.
     ProxyEnv,
 }
@@ -330,21 +334,49 @@ pub async fn run(a: RunArgs, _out: &Output) -> Result<u8> {
     let (Some(proxy), Some(dns)) = (stack.addrs.proxy, stack.addrs.dns) else {
         bail!("the stack did not report its proxy and DNS addresses");
     };
+    let userns = if funnel.is_none() {
+        crate::userns::available()
+    } else {
+        Err("root tier".into())
+    };
     let tier = match (&mut funnel, stack.addrs.transparent) {
         (Some(f), Some(t)) => {
             f.install(t, dns, proxy)?;
             RunTier::Namespace
         }
+        _ if userns.is_ok() => RunTier::UserNamespace,
         _ => RunTier::ProxyEnv,
     };
+    // Rootless tier: host-side relays the namespace reaches through Unix
+    // sockets in the (private) data dir.
+    let relay_dir = data_dir.join("relay");
+    let mut relays = Vec::new();
+    if tier == RunTier::UserNamespace {
+        std::fs::create_dir_all(&relay_dir)?;
+        relays.push(crate::userns::spawn_host_relay(
+            &relay_dir.join("proxy.sock"),
+            proxy,
+        )?);
+        relays.push(crate::userns::spawn_host_relay(
+            &relay_dir.join("dns.sock"),
+            dns,
+        )?);
+        std::fs::write(relay_dir.join("resolv.conf"), "nameserver 127.0.0.1\n")?;
+    }
     match tier {
         RunTier::Namespace => eprintln!(
             "secureops: EnforcementTier=Namespace: {:?} runs in its own network namespace; all TCP goes through the proxy, DNS through the sinkhole, everything else is dropped",
             a.cmd[0]
         ),
+        RunTier::UserNamespace => eprintln!(
+            "secureops: EnforcementTier=UserNamespace ({}): {:?} runs in its own user and network namespace where only the proxy (via proxy variables) and the DNS sinkhole are reachable; direct connections have no route",
+            tier_check.err().unwrap_or_default(),
+            a.cmd[0]
+        ),
         RunTier::ProxyEnv => eprintln!(
-            "secureops: EnforcementTier=ProxyEnv ({}): only proxy variables are set — a program that ignores them is NOT funnelled",
-            tier_check.err().unwrap_or_else(|| "no namespace".into())
+            "secureops: EnforcementTier=ProxyEnv ({}; {}): only proxy variables are set — a program that ignores them is NOT funnelled",
+            tier_check.err().unwrap_or_else(|| "no namespace".into()),
+            userns.err().unwrap_or_default()
         ),
     }
 
@@ -376,6 +408,22 @@ pub async fn run(a: RunArgs, _out: &Output) -> Result<u8> {
             c.args(["netns", "exec", &ns]).args(&a.cmd);
             c
         }
+        RunTier::UserNamespace => {
+            let exe = std::env::current_exe().context("locating the secureops binary")?;
+            let mut c = tokio::process::Command::new("unshare");
+            c.args(["--user", "--map-root-user", "--net", "--mount", "--"])
+                .arg(exe)
+                .arg("__ns-shim")
+                .arg("--proxy-sock")
+                .arg(relay_dir.join("proxy.sock"))
+                .arg("--dns-sock")
+                .arg(relay_dir.join("dns.sock"))
+                .arg("--resolv-conf")
+                .arg(relay_dir.join("resolv.conf"))
+                .arg("--")
+                .args(&a.cmd);
+            c
+        }
         RunTier::ProxyEnv => {
             let mut c = tokio::process::Command::new(&a.cmd[0]);
             c.args(&a.cmd[1..]);
@@ -405,19 +453,24 @@ pub async fn run(a: RunArgs, _out: &Output) -> Result<u8> {
     if let Some(w) = watcher {
         w.abort();
     }
+    for r in relays {
+        r.abort();
+    }
     stack.shutdown(Duration::from_secs(5)).await;
     drop(funnel);
     if a.data_dir.is_none() {
         let _ = std::fs::remove_dir_all(&data_dir);
     }
-    let code = status
+    Ok(exit_code(status))
+}
+
+/// A child's exit status as our exit code (128 + signal when killed).
+pub fn exit_code(status: std::process::ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    status
         .code()
         .map(|c| u8::try_from(c).unwrap_or(1))
-        .unwrap_or_else(|| {
-            use std::os::unix::process::ExitStatusExt;
-            128u8.saturating_add(status.signal().map(|s| s as u8).unwrap_or(0))
-        });
-    Ok(code)
+        .unwrap_or_else(|| 128u8.saturating_add(status.signal().map(|s| s as u8).unwrap_or(0)))
 }
 
 #[cfg(test)]

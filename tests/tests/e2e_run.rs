@@ -178,3 +178,101 @@ fn run_in_namespace() {
     assert_eq!(seven.status.code(), Some(7), "{seven:?}");
     let _ = Duration::ZERO;
 }
+
+/// The rootless tier: an unprivileged user runs `secureops run`; CMD gets
+/// its own user + network namespace where only the proxy and the sinkhole
+/// are reachable. The allowed host works through the proxy variables; a
+/// direct connection has no route.
+#[test]
+fn run_rootless_user_namespace() {
+    use std::os::unix::fs::PermissionsExt;
+    if !is_root() {
+        skip!("needs root to switch to an unprivileged user for the test");
+    }
+    for c in ["setpriv", "unshare", "curl", "ip"] {
+        if !have_command(c) {
+            skip!("{c} is not installed");
+        }
+    }
+    let probe = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--net",
+            "--mount",
+            "true",
+        ])
+        .output();
+    if !probe.map(|o| o.status.success()).unwrap_or(false) {
+        skip!("unprivileged user namespaces are not allowed on this kernel");
+    }
+    let tls = match TlsServer::start(&["allowed.test"]) {
+        Ok(t) => t,
+        Err(e) => skip!("no TLS server: {e}"),
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let ca = write(
+        tmp.path(),
+        "ca.pem",
+        &std::fs::read_to_string(&tls.ca_file).expect("ca"),
+    );
+    let policy = write(
+        tmp.path(),
+        "p.yaml",
+        &format!(
+            "version: 1\ndefault: deny\nresolved_ip_allow: [127.0.0.0/8]\negress_allowlist:\n  - allowed.test:{}\n",
+            tls.port
+        ),
+    );
+    let script = format!(
+        "curl -sS -m 10 -o /dev/null -w 'allowed=%{{http_code}}\\n' --cacert {ca} https://allowed.test:{port}/; \
+         curl -sS -m 3 --noproxy '*' http://198.18.200.1:80/; echo direct=$?",
+        ca = ca.display(),
+        port = tls.port
+    );
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "env",
+            "HOME=/tmp",
+        ])
+        .arg(bin_path("secureops"))
+        .args([
+            "run",
+            "--policy",
+            &policy.display().to_string(),
+            "--resolve",
+            "allowed.test=127.0.0.1",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .expect("secureops run as nobody");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("EnforcementTier=UserNamespace"),
+        "tier: {stderr}"
+    );
+    assert!(
+        stdout.contains("allowed=200"),
+        "allowed host through the relay: {stdout}\n{stderr}"
+    );
+    let direct = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("direct="))
+        .unwrap_or("missing");
+    assert_ne!(
+        direct, "0",
+        "a direct connection must have no route: {stdout}\n{stderr}"
+    );
+}
