@@ -22,6 +22,7 @@ use secureops_proxy::{
 };
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
+use tracing::Instrument as _;
 
 /// SecureOps egress proxy: every outbound TCP connection is decided by the
 /// PDP before a byte leaves; deny ⇒ 403 (explicit) or RST (transparent).
@@ -366,6 +367,15 @@ async fn accept_loop(
         let proxy = proxy.clone();
         let mut conn_shutdown = notify.subscribe();
         let guard = done.clone();
+        // One span per connection: the PDP Check (`traceparent` metadata)
+        // and the audit record (`AuditRecord.trace_parent`) run inside it, so
+        // with an OTLP exporter proxy → PDP → audit is one trace. Without
+        // one it only adds the peer to this connection's log lines.
+        let span = tracing::info_span!(
+            "egress.connection",
+            %peer,
+            mode = if transparent { "transparent" } else { "explicit" },
+        );
         tokio::spawn(async move {
             let fut = async {
                 if transparent {
@@ -373,7 +383,8 @@ async fn accept_loop(
                 } else {
                     handle_connection(proxy, stream, peer).await
                 }
-            };
+            }
+            .instrument(span);
             tokio::select! {
                 r = fut => if let Err(e) = r {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");

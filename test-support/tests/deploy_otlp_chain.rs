@@ -1,13 +1,19 @@
-//! Trace context across the audit hop, received by an OTLP/gRPC collector
-//! this test runs: the real `secureops-audit`, started with
-//! `OTEL_EXPORTER_OTLP_ENDPOINT`, records each appended record that carries
-//! a W3C `AuditRecord.trace_parent` as an `audit.append` span in that trace,
-//! parented on the PEP's span (the audit part of "one trace spanning proxy,
-//! PDP and audit").
+//! One OpenTelemetry trace spanning proxy → PDP → audit for one connection,
+//! received by an OTLP/gRPC collector this test runs.
 //!
-//! Needs the binary built (`cargo build -p secureops-audit --bins`);
-//! otherwise prints `SKIPPED`.
+//! The real `secureops-pdp`, `secureops-audit` and `secureops-proxy`
+//! binaries are wired like `secureops dev` does (proxy spools and ships to
+//! the audit service with a per-source token), all exporting over OTLP to
+//! the collector. One `CONNECT` to a denied host goes through the proxy; the
+//! proxy's connection span must then appear together with the PDP's Check
+//! span (parented via the `traceparent` gRPC metadata) and the audit
+//! service's `audit.append` span (parented via `AuditRecord.trace_parent`)
+//! in one trace.
+//!
+//! Needs the binaries built (`cargo build -p secureops-policy -p
+//! secureops-audit -p secureops-proxy --bins`); otherwise prints `SKIPPED`.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,7 +25,10 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use secureops_test_support::{Service, bin_path, skip};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+const PROXY: &str = "secureops-proxy";
+const PDP: &str = "secureops-pdp";
 const AUDIT: &str = "secureops-audit";
 
 #[derive(Debug, Clone)]
@@ -87,6 +96,21 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// A trace id holding spans of all three services, if any.
+fn complete_trace(spans: &[ReceivedSpan]) -> Option<Vec<u8>> {
+    let mut by_trace: HashMap<&[u8], HashSet<&str>> = HashMap::new();
+    for s in spans {
+        by_trace
+            .entry(s.trace_id.as_slice())
+            .or_default()
+            .insert(s.service.as_str());
+    }
+    by_trace
+        .into_iter()
+        .find(|(_, svcs)| [PROXY, PDP, AUDIT].iter().all(|n| svcs.contains(n)))
+        .map(|(t, _)| t.to_vec())
+}
+
 /// Start the OTLP/gRPC collector on 127.0.0.1:0.
 async fn start_collector() -> (
     Collector,
@@ -132,6 +156,190 @@ async fn spawn(
     .await
     .unwrap_or_else(|e| panic!("spawn task: {e}"));
     r.unwrap_or_else(|e| panic!("{name} did not start: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_otlp_one_trace_spans_proxy_pdp_and_audit() {
+    let (pdp_bin, audit_bin, proxy_bin) = (bin_path(PDP), bin_path(AUDIT), bin_path(PROXY));
+    for b in [&pdp_bin, &audit_bin, &proxy_bin] {
+        if !b.exists() {
+            skip!(
+                "OTLP chain test: {} not built (cargo build -p secureops-policy -p secureops-audit -p secureops-proxy --bins)",
+                b.display()
+            );
+        }
+    }
+
+    // 1. The collector.
+    let (collector, otlp_addr, server) = start_collector().await;
+    let env = || otel_env(otlp_addr);
+
+    // 2. PDP, audit (per-source token), proxy: wired like `secureops dev`.
+    let dir = std::env::temp_dir().join(format!("secureops-otlp-chain-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for sub in ["pdp", "audit", "spool"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap_or_else(|e| panic!("mkdir: {e}"));
+    }
+    let token = format!(
+        "otlp-chain-token-{:016x}",
+        std::process::id() as u64 * 0x9e37_79b9
+    );
+    let tokens_file = dir.join("audit-tokens");
+    let token_file = dir.join("proxy.token");
+    std::fs::write(&tokens_file, format!("proxy {token}\n"))
+        .unwrap_or_else(|e| panic!("write tokens: {e}"));
+    std::fs::write(&token_file, &token).unwrap_or_else(|e| panic!("write token: {e}"));
+    let p = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let policy = secureops_test_support::workspace_root().join("deploy/policies/default.yaml");
+
+    let pdp = spawn(
+        pdp_bin,
+        vec![
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--admin-listen".into(),
+            "127.0.0.1:0".into(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            p(&dir.join("pdp")),
+            "--policy".into(),
+            p(&policy),
+        ],
+        env(),
+        &["grpc"],
+    )
+    .await;
+    let audit = spawn(
+        audit_bin,
+        vec![
+            "serve".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            p(&dir.join("audit")),
+            "--tokens-file".into(),
+            p(&tokens_file),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+        ],
+        env(),
+        &["grpc"],
+    )
+    .await;
+    let proxy = spawn(
+        proxy_bin,
+        vec![
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--pdp".into(),
+            pdp.url("grpc"),
+            // Generous: the first Check also connects (debug build, shared box).
+            "--pdp-timeout-ms".into(),
+            "5000".into(),
+            "--audit".into(),
+            audit.url("grpc"),
+            "--audit-token-file".into(),
+            p(&token_file),
+            "--pep-id".into(),
+            "proxy".into(),
+            "--spool-dir".into(),
+            p(&dir.join("spool")),
+            "--workload".into(),
+            "otlp-chain".into(),
+            // The host must resolve for the PDP to be asked at all.
+            "--dns-server".into(),
+            "none".into(),
+            "--resolve".into(),
+            "denied.test=127.0.0.1".into(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+        ],
+        env(),
+        &["proxy"],
+    )
+    .await;
+
+    // 3. One CONNECT to a host the default policy denies.
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr("proxy"))
+        .await
+        .unwrap_or_else(|e| panic!("connect proxy: {e}"));
+    conn.write_all(b"CONNECT denied.test:443 HTTP/1.1\r\nHost: denied.test:443\r\n\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("write CONNECT: {e}"));
+    let mut resp = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut resp)).await;
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    assert!(
+        resp.starts_with("HTTP/1.1 403"),
+        "denied.test must be refused with 403, got {resp:?};\nproxy stderr:\n{}",
+        proxy.stderr_text()
+    );
+    drop(conn);
+
+    // 4. Wait (bounded) until one trace holds spans of all three services.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let trace = loop {
+        let spans = collector.snapshot();
+        if let Some(t) = complete_trace(&spans) {
+            break t;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "no trace with spans of {PROXY}, {PDP} and {AUDIT} within 15 s; received: {:?}\n\
+                 proxy stderr:\n{}\naudit stderr:\n{}",
+                spans
+                    .iter()
+                    .map(|s| (&s.service, &s.name, hex(&s.trace_id)))
+                    .collect::<Vec<_>>(),
+                proxy.stderr_text(),
+                audit.stderr_text()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let spans: Vec<ReceivedSpan> = collector
+        .snapshot()
+        .into_iter()
+        .filter(|s| s.trace_id == trace)
+        .collect();
+    eprintln!(
+        "trace {}: {:?}",
+        hex(&trace),
+        spans
+            .iter()
+            .map(|s| (&s.service, &s.name))
+            .collect::<Vec<_>>()
+    );
+    // The PDP and audit spans hang off spans of the proxy (propagated
+    // context), not merely share an id by accident.
+    let proxy_ids: HashSet<&[u8]> = spans
+        .iter()
+        .filter(|s| s.service == PROXY)
+        .map(|s| s.span_id.as_slice())
+        .collect();
+    let pdp_span = spans
+        .iter()
+        .find(|s| s.service == PDP && proxy_ids.contains(s.parent_span_id.as_slice()));
+    assert!(
+        pdp_span.is_some(),
+        "a PDP span must be a child of a proxy span: {spans:?}"
+    );
+    let audit_span = spans.iter().find(|s| s.service == AUDIT);
+    let Some(audit_span) = audit_span else {
+        panic!("no audit span in {spans:?}");
+    };
+    assert_eq!(audit_span.name, "audit.append");
+    assert!(
+        proxy_ids.contains(audit_span.parent_span_id.as_slice()),
+        "the audit span must be a child of the proxy span that recorded the decision: {spans:?}"
+    );
+
+    drop(proxy);
+    drop(audit);
+    drop(pdp);
+    server.abort();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The audit hop alone: a record whose `trace_parent` carries a W3C
