@@ -7,8 +7,8 @@
 //! the caller's trace (same trace id, parented on the caller's span): the
 //! PDP hop of "one trace spanning proxy, PDP and audit".
 //!
-//! Not proven yet (see deploy/README.md, Gaps): the proxy injecting its
-//! context into the Check call and the audit service joining the trace.
+//! The whole chain (proxy → PDP → audit in one trace) is proven by
+//! `deploy_otlp_chain.rs`.
 //!
 //! Needs the binary built (`cargo build -p secureops-policy --bins`);
 //! otherwise prints `SKIPPED`.
