@@ -13,76 +13,14 @@
 //! Needs the binary built (`cargo build -p secureops-policy --bins`);
 //! otherwise prints `SKIPPED`.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use secureops_proto::v1::policy_decision_client::PolicyDecisionClient;
 use secureops_proto::v1::{CheckRequest, Destination, HostSource, ProcessInfo, Transport, Verdict};
 use secureops_test_support::{Service, bin_path, skip};
 
-#[derive(Debug, Clone)]
-struct ReceivedSpan {
-    service: String,
-    name: String,
-    trace_id: Vec<u8>,
-    parent_span_id: Vec<u8>,
-}
-
-#[derive(Default, Clone)]
-struct Collector {
-    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let req = request.into_inner();
-        let mut out = Vec::new();
-        for rs in req.resource_spans {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| r.attributes.iter())
-                .find(|kv| kv.key == "service.name")
-                .and_then(|kv| kv.value.as_ref())
-                .and_then(|v| match &v.value {
-                    Some(AnyValue::StringValue(s)) => Some(s.clone()),
-                    _ => None,
-                })
-                .unwrap_or_default();
-            for ss in rs.scope_spans {
-                for s in ss.spans {
-                    out.push(ReceivedSpan {
-                        service: service.clone(),
-                        name: s.name,
-                        trace_id: s.trace_id,
-                        parent_span_id: s.parent_span_id,
-                    });
-                }
-            }
-        }
-        if let Ok(mut v) = self.spans.lock() {
-            v.extend(out);
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+mod otlp_common;
+use otlp_common::{hex, start_collector};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_otlp_pdp_exports_check_span_in_callers_trace() {
@@ -94,18 +32,7 @@ async fn deploy_otlp_pdp_exports_check_span_in_callers_trace() {
         );
     }
     // 1. The collector.
-    let collector = Collector::default();
-    let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
-        Ok(l) => l,
-        Err(e) => panic!("bind collector: {e}"),
-    };
-    let otlp_addr = listener
-        .local_addr()
-        .unwrap_or_else(|e| panic!("collector addr: {e}"));
-    let server = tonic::transport::Server::builder()
-        .add_service(TraceServiceServer::new(collector.clone()))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
-    let server = tokio::spawn(server);
+    let (collector, otlp_addr, server) = start_collector().await;
 
     // 2. The real PDP, exporting to it (short batch delay: fast test).
     let dir = std::env::temp_dir().join(format!("secureops-otlp-{}", std::process::id()));
@@ -214,22 +141,14 @@ async fn deploy_otlp_pdp_exports_check_span_in_callers_trace() {
     let mut found = None;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let spans = collector
-            .spans
-            .lock()
-            .map(|v| v.clone())
-            .unwrap_or_default();
+        let spans = collector.snapshot();
         if let Some(s) = spans.iter().find(|s| hex(&s.trace_id) == want_trace) {
             found = Some((s.clone(), spans.len()));
             break;
         }
     }
     let Some((span, total)) = found else {
-        let spans = collector
-            .spans
-            .lock()
-            .map(|v| v.clone())
-            .unwrap_or_default();
+        let spans = collector.snapshot();
         panic!(
             "no span of trace {trace_id} exported within 10 s ({} spans received: {:?});\n\
              pdp stderr:\n{}",
