@@ -18,7 +18,7 @@ use secureops_dns::{DnsSinkhole, SinkholeAnswer, SinkholeConfig, SinkholeParts};
 use secureops_pep::telemetry::{LogFormat, Readiness, announce_listener, init_tracing, serve_ops};
 use secureops_pep::{
     AllowlistPdp, AuditSpool, FailMode, GrpcPdp, GrpcPdpConfig, PepMetrics, PolicyDecisionPoint,
-    Shipper, ShipperConfig, SpoolLimits,
+    Shipper, ShipperConfig, SpoolLimits, SpoolSync,
 };
 
 /// SecureOps DNS sinkhole: every query is decided by the PDP; allowed names
@@ -58,9 +58,11 @@ struct Args {
     /// Bytes of spool segments on disk before the spool refuses new records.
     #[arg(long, env = "SECUREOPS_SPOOL_MAX_BYTES", default_value_t = 256 << 20)]
     spool_max_bytes: u64,
-    /// Most records committed by one spool fdatasync (group commit).
-    #[arg(long, env = "SECUREOPS_SPOOL_MAX_BATCH", default_value_t = 4096)]
-    spool_max_batch: usize,
+    /// When spooled records reach stable storage: `always` (an answer waits
+    /// for its record's fdatasync) or `interval:<n>ms` (the record is
+    /// written before the answer; a background fdatasync follows within n ms).
+    #[arg(long, env = "SECUREOPS_SPOOL_SYNC", default_value_t = SpoolSync::default())]
+    spool_sync: SpoolSync,
     /// Answer sinkholed queries once their audit record is queued, without
     /// waiting for the spool's fdatasync (allowed queries always wait).
     #[arg(long, env = "SECUREOPS_AUDIT_ASYNC_DENY")]
@@ -212,7 +214,7 @@ async fn run(args: Args, threads: usize) -> anyhow::Result<()> {
                 SpoolLimits {
                     max_records: args.spool_max_records,
                     max_bytes: args.spool_max_bytes,
-                    max_batch: args.spool_max_batch.max(1),
+                    sync: args.spool_sync,
                     ..SpoolLimits::default()
                 },
                 pep_metrics.clone(),

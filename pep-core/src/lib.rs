@@ -53,4 +53,4 @@ pub use grpc::{
 };
 pub use metrics::PepMetrics;
 pub use shipper::{Shipper, ShipperConfig, ShipperError};
-pub use spool::{AuditSpool, SpoolError, SpoolLimits};
+pub use spool::{AuditSpool, SpoolError, SpoolLimits, SpoolSync};

@@ -139,10 +139,4 @@ impl PepMetrics {
             .get_or_create(&[("result", result.to_string())])
             .inc();
     }
-
-    pub(crate) fn count_spool(&self, result: &'static str) {
-        self.spool_appends
-            .get_or_create(&[("result", result.to_string())])
-            .inc();
-    }
 }

@@ -1,9 +1,21 @@
 //! Durable, bounded, append-only audit spool (DESIGN.md §7, PEP side).
 //!
-//! Contract: when [`AuditSpool::record`] returns `Ok(seq)` the record is on
-//! disk (`fdatasync`ed); the PEP forwards nothing upstream before that. When
-//! it returns `Err` (spool full, disk error) the PEP must deny with
+//! Contract: when [`AuditSpool::record`] (or [`AuditSpool::append_batch`])
+//! returns `Ok(seq)` the record is written to the spool file, so it survives
+//! a crash of the PEP process; the PEP forwards nothing upstream before
+//! that. How soon it is also on the platter is the [`SpoolSync`] policy:
+//! `always` makes `record` wait for the record's `fdatasync` (survives a
+//! power loss too), the default `interval:5ms` lets a background thread
+//! `fdatasync` at most 5 ms after the write (the same window the audit
+//! service's own sequencer batches over). When a call returns `Err` (spool
+//! full, disk error, failed sync) the PEP must deny with
 //! `fail_closed:audit_spool`: an attempt we cannot audit does not happen.
+//!
+//! Why the write is done inline, on the caller's thread: a `write(2)` of a
+//! few hundred bytes into the page cache costs ~2 µs, while handing the
+//! record to a writer thread and waking the caller back cost two context
+//! switches per connection, and a per-connection `fdatasync` was the single
+//! biggest cost of a proxied tunnel (`pep-proxy/BENCH_NOTES.md`).
 //!
 //! Layout of the spool directory:
 //!
@@ -19,12 +31,11 @@
 //! `source_seq` is monotonic across restarts: on open the next seq is one
 //! past the maximum of the watermark and the last record on disk.
 //!
-//! Durability / fsync policy: **group commit**. One writer thread owns the
-//! active segment; concurrent `record` calls queue, the writer takes every
-//! queued request (up to [`SpoolLimits::max_batch`]), writes them in one
-//! `write`, issues one `fdatasync`, and only then completes each caller.
-//! Under load this amortises the sync; an isolated call pays exactly one
-//! `fdatasync`. Figures: `pep-core/BENCH_NOTES.md`.
+//! One `append` lock serialises writers (seq assignment + the write); the
+//! `audit-spool-sync` thread owns every `fdatasync` and publishes the
+//! highest synced seq. A failed `fdatasync` poisons the spool (the kernel
+//! may already have dropped the dirty pages), so every later record is
+//! refused and the PEP denies.
 //!
 //! Recovery: a torn or corrupt frame (crash mid-write, bad CRC) ends its
 //! segment: the file is truncated there and the loss is logged. Records
@@ -34,14 +45,18 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex};
+use prometheus_client::metrics::counter::Counter;
 use prost::Message;
 use secureops_proto::v1::{AuditFinding, AuditRecord};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
 
 use crate::metrics::PepMetrics;
 
@@ -49,7 +64,50 @@ use crate::metrics::PepMetrics;
 const MAX_FRAME: usize = 1 << 20;
 const FRAME_HEADER: usize = 8;
 
-/// Bounds of the spool.
+/// When a spooled record is forced to stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpoolSync {
+    /// `record` returns after the record's `fdatasync` (group commit:
+    /// one sync covers every record written while the previous one ran).
+    Always,
+    /// `record` returns after the write; a background `fdatasync` follows
+    /// within this window.
+    Interval(Duration),
+}
+
+impl Default for SpoolSync {
+    fn default() -> Self {
+        SpoolSync::Interval(Duration::from_millis(5))
+    }
+}
+
+impl std::fmt::Display for SpoolSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpoolSync::Always => f.write_str("always"),
+            SpoolSync::Interval(d) => write!(f, "interval:{}ms", d.as_millis()),
+        }
+    }
+}
+
+impl std::str::FromStr for SpoolSync {
+    type Err = String;
+    /// `always` or `interval:<n>ms` (1..=1000).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "always" {
+            return Ok(SpoolSync::Always);
+        }
+        let ms = s
+            .strip_prefix("interval:")
+            .and_then(|r| r.strip_suffix("ms"))
+            .and_then(|n| n.parse::<u64>().ok())
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| format!("{s:?}: expected `always` or `interval:<1..=1000>ms`"))?;
+        Ok(SpoolSync::Interval(Duration::from_millis(ms)))
+    }
+}
+
+/// Bounds and durability policy of the spool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpoolLimits {
     /// Maximum bytes of segment files on disk (acked segments are trimmed).
@@ -58,8 +116,8 @@ pub struct SpoolLimits {
     pub max_records: u64,
     /// Segment size that triggers a new segment.
     pub segment_bytes: u64,
-    /// Most records committed by one `fdatasync`.
-    pub max_batch: usize,
+    /// When records reach stable storage.
+    pub sync: SpoolSync,
 }
 
 impl Default for SpoolLimits {
@@ -68,7 +126,7 @@ impl Default for SpoolLimits {
             max_bytes: 256 << 20,
             max_records: 1_000_000,
             segment_bytes: 8 << 20,
-            max_batch: 512,
+            sync: SpoolSync::default(),
         }
     }
 }
@@ -81,7 +139,7 @@ pub enum SpoolError {
     Full { records: u64, bytes: u64 },
     #[error("audit spool I/O error: {0}")]
     Io(#[from] io::Error),
-    #[error("audit spool is unusable after an unrecoverable write error")]
+    #[error("audit spool is unusable after an unrecoverable write or sync error")]
     Poisoned,
     #[error("audit spool writer has stopped")]
     Closed,
@@ -105,8 +163,10 @@ struct Segment {
 
 #[derive(Debug)]
 struct State {
-    /// Unacked records, ascending seq.
-    unacked: VecDeque<AuditRecord>,
+    /// Unacked records (seq, encoded `AuditRecord`), ascending seq. Kept
+    /// encoded: a third of the memory of the decoded message, and the
+    /// decoding cost moves to the shipper, off the decision path.
+    unacked: VecDeque<(u64, Bytes)>,
     /// Every record ≤ this was acknowledged.
     acked_through: u64,
     /// Watermark last written to the `acked` file.
@@ -117,20 +177,57 @@ struct State {
     disk_bytes: u64,
 }
 
-struct Request {
-    finding: AuditFinding,
-    /// W3C traceparent of the recording span (empty when untraced).
-    trace_parent: String,
-    reply: oneshot::Sender<Result<u64, SpoolError>>,
+/// The append side: seq assignment and the active segment.
+struct Appender {
+    next_seq: u64,
+    active: Option<Active>,
+    poisoned: bool,
+    /// Reused frame buffer.
+    buf: Vec<u8>,
+}
+
+struct Active {
+    file: Arc<File>,
+    len: u64,
+}
+
+/// What the sync thread must make durable.
+#[derive(Default)]
+struct SyncWork {
+    /// Highest seq written (to the page cache).
+    written: u64,
+    /// The active segment at that point.
+    file: Option<Arc<File>>,
+    /// Rotated-out segments not yet synced.
+    retired: Vec<Arc<File>>,
+    /// Last handle dropped: final sync, then exit.
+    shutdown: bool,
+}
+
+/// Highest seq known durable, or the spool is poisoned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Synced {
+    through: u64,
+    failed: bool,
 }
 
 struct Shared {
     dir: PathBuf,
     limits: SpoolLimits,
     state: Mutex<State>,
-    /// Last committed seq, for the shipper to wait on.
+    appender: Mutex<Appender>,
+    sync_work: Mutex<SyncWork>,
+    sync_cv: Condvar,
+    /// Set by writers, cleared by the sync thread: only the first write
+    /// after a sync pays for the wake-up.
+    dirty: AtomicBool,
+    synced: watch::Sender<Synced>,
+    /// Last written seq, for the shipper to wait on.
     last_seq: watch::Sender<u64>,
     metrics: PepMetrics,
+    ok: Counter,
+    full: Counter,
+    error: Counter,
     /// Serialises watermark persistence + trimming.
     persist_lock: Mutex<()>,
     /// Exclusive `flock` on `<dir>/lock` for the spool's lifetime: two PEPs
@@ -138,18 +235,30 @@ struct Shared {
     _dir_lock: nix::fcntl::Flock<File>,
 }
 
-/// Handle to the spool. Cheap to clone; the writer thread stops when the
+/// Dropped with the last [`AuditSpool`] handle: stops the sync thread after
+/// a final sync (which releases the directory lock).
+struct HandleGuard(Arc<Shared>);
+
+impl Drop for HandleGuard {
+    fn drop(&mut self) {
+        self.0.sync_work.lock().shutdown = true;
+        self.0.sync_cv.notify_one();
+    }
+}
+
+/// Handle to the spool. Cheap to clone; the sync thread stops when the
 /// last handle is dropped.
 #[derive(Clone)]
 pub struct AuditSpool {
-    tx: mpsc::UnboundedSender<Request>,
     shared: Arc<Shared>,
+    _guard: Arc<HandleGuard>,
 }
 
 impl std::fmt::Debug for AuditSpool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuditSpool")
             .field("dir", &self.shared.dir)
+            .field("sync", &self.shared.limits.sync)
             .finish()
     }
 }
@@ -164,7 +273,7 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
 
 /// Read every valid frame of a segment; truncate the file at the first bad
 /// one. Returns the records and the valid length.
-fn read_segment(path: &Path) -> io::Result<(Vec<AuditRecord>, u64)> {
+fn read_segment(path: &Path) -> io::Result<(Vec<(u64, Bytes)>, u64)> {
     let mut f = OpenOptions::new().read(true).write(true).open(path)?;
     let mut buf = Vec::new();
     f.read_to_end(&mut buf)?;
@@ -188,7 +297,7 @@ fn read_segment(path: &Path) -> io::Result<(Vec<AuditRecord>, u64)> {
             break;
         }
         match AuditRecord::decode(payload) {
-            Ok(r) => out.push(r),
+            Ok(r) => out.push((r.source_seq, Bytes::copy_from_slice(payload))),
             Err(_) => {
                 bad = Some("undecodable record");
                 break;
@@ -251,8 +360,8 @@ fn lock_dir(mut file: File, dir: &Path) -> Result<nix::fcntl::Flock<File>, Spool
 
 impl AuditSpool {
     /// Open (or create) the spool in `dir`, recover its segments and start
-    /// the writer thread. Must run inside a tokio runtime only for the
-    /// callers of [`AuditSpool::record`]; opening itself is synchronous.
+    /// the sync thread. Opening is synchronous; [`AuditSpool::record`] needs
+    /// a tokio runtime only to wait for a sync (`SpoolSync::Always`).
     pub fn open(dir: impl AsRef<Path>, limits: SpoolLimits) -> Result<AuditSpool, SpoolError> {
         Self::open_with_metrics(dir, limits, PepMetrics::default())
     }
@@ -294,20 +403,20 @@ impl AuditSpool {
             let (records, bytes) = read_segment(&path)?;
             let seg_last = records
                 .last()
-                .map(|r| r.source_seq)
+                .map(|(seq, _)| *seq)
                 .unwrap_or(first.saturating_sub(1));
-            for r in records {
-                if r.source_seq <= last_seq && r.source_seq <= watermark {
+            for (seq, payload) in records {
+                if seq <= last_seq && seq <= watermark {
                     continue;
                 }
-                if r.source_seq <= last_seq {
+                if seq <= last_seq {
                     // Not monotonic: corruption or a foreign file. Keep the
                     // first copy only.
-                    tracing::error!(seq = r.source_seq, "audit spool: duplicate seq skipped");
+                    tracing::error!(seq, "audit spool: duplicate seq skipped");
                     continue;
                 }
-                last_seq = r.source_seq;
-                unacked.push_back(r);
+                last_seq = seq;
+                unacked.push_back((seq, payload));
             }
             disk_bytes += bytes;
             segments.push_back(Segment {
@@ -317,6 +426,16 @@ impl AuditSpool {
             });
         }
         let (last_tx, _) = watch::channel(last_seq);
+        let (synced_tx, _) = watch::channel(Synced {
+            through: last_seq,
+            failed: false,
+        });
+        let counter = |result: &str| {
+            metrics
+                .spool_appends
+                .get_or_create(&[("result", result.to_string())])
+                .clone()
+        };
         let shared = Arc::new(Shared {
             dir: dir.clone(),
             limits,
@@ -328,7 +447,23 @@ impl AuditSpool {
                 segments,
                 disk_bytes,
             }),
+            appender: Mutex::new(Appender {
+                next_seq: last_seq + 1,
+                active: None,
+                poisoned: false,
+                buf: Vec::new(),
+            }),
+            sync_work: Mutex::new(SyncWork {
+                written: last_seq,
+                ..SyncWork::default()
+            }),
+            sync_cv: Condvar::new(),
+            dirty: AtomicBool::new(false),
+            synced: synced_tx,
             last_seq: last_tx,
+            ok: counter("ok"),
+            full: counter("full"),
+            error: counter("error"),
             metrics,
             persist_lock: Mutex::new(()),
             _dir_lock: dir_lock,
@@ -336,22 +471,19 @@ impl AuditSpool {
         shared.update_gauge();
         // Trim what an earlier run acked but did not get to delete.
         shared.trim()?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let w = Writer {
-            shared: shared.clone(),
-            rx,
-            next_seq: last_seq + 1,
-            active: None,
-            poisoned: false,
-        };
+        let syncer = shared.clone();
         std::thread::Builder::new()
-            .name("audit-spool".into())
-            .spawn(move || w.run())?;
-        Ok(AuditSpool { tx, shared })
+            .name("audit-spool-sync".into())
+            .spawn(move || syncer.sync_loop())?;
+        Ok(AuditSpool {
+            _guard: Arc::new(HandleGuard(shared.clone())),
+            shared,
+        })
     }
 
-    /// Append `finding`; returns its `source_seq` once it is durable.
-    /// Any `Err` ⇒ the caller denies with `fail_closed:audit_spool`.
+    /// Append `finding`; returns its `source_seq` once it is written (and,
+    /// with [`SpoolSync::Always`], synced). Any `Err` ⇒ the caller denies
+    /// with `fail_closed:audit_spool`.
     ///
     /// An empty `trace_id` is filled from the caller's current span when
     /// OpenTelemetry tracing is on (the PEP records inside the connection's
@@ -369,15 +501,54 @@ impl AuditSpool {
             }
             None => String::new(),
         };
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Request {
-                finding,
-                trace_parent,
-                reply,
-            })
+        let seq = *self
+            .shared
+            .append(std::iter::once((finding, trace_parent)))?
+            .end();
+        if self.shared.limits.sync == SpoolSync::Always {
+            self.wait_synced(seq).await?;
+        }
+        Ok(seq)
+    }
+
+    /// Append every finding with one `write(2)` (all or none) and return
+    /// their seqs. Never waits for a sync: with [`SpoolSync::Always`] the
+    /// caller awaits [`AuditSpool::wait_synced`] on the last seq before it
+    /// forwards anything. For PEPs that decide in batches (the DNS
+    /// sinkhole's `recvmmsg` loop). An empty batch is refused as
+    /// `TooLarge(0)`: it has no seq range.
+    pub fn append_batch(
+        &self,
+        findings: Vec<AuditFinding>,
+    ) -> Result<RangeInclusive<u64>, SpoolError> {
+        if findings.is_empty() {
+            return Err(SpoolError::TooLarge(0));
+        }
+        self.shared
+            .append(findings.into_iter().map(|f| (f, String::new())))
+    }
+
+    /// Wait until every record ≤ `seq` is on stable storage.
+    pub async fn wait_synced(&self, seq: u64) -> Result<(), SpoolError> {
+        let mut rx = self.shared.synced.subscribe();
+        let s = rx
+            .wait_for(|s| s.failed || s.through >= seq)
+            .await
             .map_err(|_| SpoolError::Closed)?;
-        rx.await.map_err(|_| SpoolError::Closed)?
+        if s.failed {
+            return Err(SpoolError::Poisoned);
+        }
+        Ok(())
+    }
+
+    /// The durability policy this spool was opened with.
+    pub fn sync_policy(&self) -> SpoolSync {
+        self.shared.limits.sync
+    }
+
+    /// Highest seq known to be on stable storage.
+    pub fn synced_through(&self) -> u64 {
+        self.shared.synced.borrow().through
     }
 
     /// Metric handles this spool reports into.
@@ -417,19 +588,36 @@ impl AuditSpool {
 
     /// Up to `max` unacked records with seq > `after`, ascending.
     pub fn unacked_after(&self, after: u64, max: usize) -> Vec<AuditRecord> {
-        let st = self.shared.state.lock();
-        let start = st.unacked.partition_point(|r| r.source_seq <= after);
-        st.unacked.iter().skip(start).take(max).cloned().collect()
+        let picked: Vec<Bytes> = {
+            let st = self.shared.state.lock();
+            let start = st.unacked.partition_point(|(seq, _)| *seq <= after);
+            st.unacked
+                .iter()
+                .skip(start)
+                .take(max)
+                .map(|(_, b)| b.clone())
+                .collect()
+        };
+        picked
+            .into_iter()
+            .filter_map(|b| match AuditRecord::decode(b) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    // Cannot happen: we encoded it. Logged, not shipped.
+                    tracing::error!(error = %e, "audit spool: undecodable in-memory record");
+                    None
+                }
+            })
+            .collect()
     }
 
-    /// Subscribe to "a new record was committed" (value: last seq).
+    /// Notified with the last written seq after every append.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.last_seq.subscribe()
     }
 
-    /// The audit service acknowledged `seq` (durable there). Advances the
-    /// in-memory watermark; [`AuditSpool::persist_acks`] makes it durable and
-    /// trims segments.
+    /// The audit service acknowledged `seq` (durably appended). Acks may
+    /// arrive out of order; the watermark advances over contiguous acks.
     pub fn ack(&self, seq: u64) {
         let mut st = self.shared.state.lock();
         if seq <= st.acked_through || seq > self.last_seq() {
@@ -444,15 +632,14 @@ impl AuditSpool {
             st.acked_through = next;
         }
         let through = st.acked_through;
-        while st.unacked.front().is_some_and(|r| r.source_seq <= through) {
+        while st.unacked.front().is_some_and(|(s, _)| *s <= through) {
             st.unacked.pop_front();
         }
         drop(st);
         self.shared.update_gauge();
     }
 
-    /// Write the ack watermark durably and delete fully-acked segments
-    /// (blocking I/O: call from `spawn_blocking` in async code).
+    /// Persist the ack watermark and delete fully acked segments.
     pub fn persist_acks(&self) -> io::Result<()> {
         self.shared.trim()
     }
@@ -476,7 +663,6 @@ impl Shared {
             write_watermark(&self.dir, through)?;
             self.state.lock().persisted_ack = through;
         }
-        // Delete every non-active segment whose records are all acked.
         let mut doomed = Vec::new();
         {
             let mut st = self.state.lock();
@@ -501,134 +687,124 @@ impl Shared {
         }
         Ok(())
     }
-}
 
-struct Active {
-    file: File,
-    len: u64,
-}
-
-struct Writer {
-    shared: Arc<Shared>,
-    rx: mpsc::UnboundedReceiver<Request>,
-    next_seq: u64,
-    active: Option<Active>,
-    poisoned: bool,
-}
-
-impl Writer {
-    fn run(mut self) {
-        while let Some(first) = self.rx.blocking_recv() {
-            let mut batch = vec![first];
-            while batch.len() < self.shared.limits.max_batch {
-                match self.rx.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
-                }
-            }
-            self.commit(batch);
-        }
+    /// Frame, bound-check and write a batch (all or none), under the append
+    /// lock. Returns the seq range.
+    fn append(
+        &self,
+        items: impl Iterator<Item = (AuditFinding, String)>,
+    ) -> Result<RangeInclusive<u64>, SpoolError> {
+        let mut ap = self.appender.lock();
+        let res = self.append_locked(&mut ap, items);
+        match &res {
+            Ok(r) => self.ok.inc_by(r.end() - r.start() + 1),
+            Err(SpoolError::Full { .. }) => self.full.inc(),
+            Err(_) => self.error.inc(),
+        };
+        res
     }
 
-    fn commit(&mut self, batch: Vec<Request>) {
-        if self.poisoned {
-            for r in batch {
-                let _ = r.reply.send(Err(SpoolError::Poisoned));
-            }
-            self.shared.metrics.count_spool("error");
-            return;
+    fn append_locked(
+        &self,
+        ap: &mut Appender,
+        items: impl Iterator<Item = (AuditFinding, String)>,
+    ) -> Result<RangeInclusive<u64>, SpoolError> {
+        if ap.poisoned || self.synced.borrow().failed {
+            return Err(SpoolError::Poisoned);
         }
-        let limits = self.shared.limits;
-        let (mut records_now, mut bytes_now) = {
-            let st = self.shared.state.lock();
-            (st.unacked.len() as u64, st.disk_bytes)
-        };
-        let mut buf = Vec::new();
-        let mut accepted: Vec<(AuditRecord, oneshot::Sender<Result<u64, SpoolError>>)> = Vec::new();
-        for req in batch {
+        let first_seq = ap.next_seq;
+        let mut buf = std::mem::take(&mut ap.buf);
+        buf.clear();
+        // (seq, start of payload, end of payload) in `buf`.
+        let mut frames: Vec<(u64, usize, usize)> = Vec::new();
+        for (finding, trace_parent) in items {
             let rec = AuditRecord {
                 source_id: String::new(),
-                source_seq: self.next_seq + accepted.len() as u64,
-                finding: Some(req.finding),
-                trace_parent: req.trace_parent,
+                source_seq: first_seq + frames.len() as u64,
+                finding: Some(finding),
+                trace_parent,
             };
-            let payload = rec.encode_to_vec();
-            if payload.len() > MAX_FRAME {
-                self.shared.metrics.count_spool("error");
-                let _ = req.reply.send(Err(SpoolError::TooLarge(payload.len())));
-                continue;
+            let at = buf.len();
+            buf.extend_from_slice(&[0u8; FRAME_HEADER]);
+            // Encoding into a Vec cannot fail (it grows).
+            let _ = rec.encode(&mut buf);
+            let len = buf.len() - at - FRAME_HEADER;
+            if len > MAX_FRAME {
+                ap.buf = buf;
+                return Err(SpoolError::TooLarge(len));
             }
-            let framed = (FRAME_HEADER + payload.len()) as u64;
-            if records_now + 1 > limits.max_records || bytes_now + framed > limits.max_bytes {
-                self.shared.metrics.count_spool("full");
-                let _ = req.reply.send(Err(SpoolError::Full {
-                    records: records_now,
-                    bytes: bytes_now,
-                }));
-                continue;
-            }
-            records_now += 1;
-            bytes_now += framed;
-            buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-            buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-            buf.extend_from_slice(&payload);
-            accepted.push((rec, req.reply));
+            let crc = crc32fast::hash(&buf[at + FRAME_HEADER..]);
+            buf[at..at + 4].copy_from_slice(&(len as u32).to_le_bytes());
+            buf[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
+            frames.push((rec.source_seq, at + FRAME_HEADER, buf.len()));
         }
-        if accepted.is_empty() {
-            return;
-        }
-        let first_seq = self.next_seq;
-        let last_seq = first_seq + accepted.len() as u64 - 1;
-        match self.write_batch(&buf, first_seq, last_seq) {
-            Ok(()) => {
-                self.next_seq = last_seq + 1;
-                {
-                    let mut st = self.shared.state.lock();
-                    for (rec, _) in &accepted {
-                        st.unacked.push_back(rec.clone());
-                    }
-                }
-                self.shared.update_gauge();
-                self.shared.last_seq.send_replace(last_seq);
-                for (rec, reply) in accepted {
-                    self.shared.metrics.count_spool("ok");
-                    let _ = reply.send(Ok(rec.source_seq));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "audit spool write failed");
-                let kind = e.kind();
-                let msg = e.to_string();
-                for (_, reply) in accepted {
-                    self.shared.metrics.count_spool("error");
-                    let _ = reply.send(Err(SpoolError::Io(io::Error::new(kind, msg.clone()))));
-                }
+        let Some(&(last_seq, _, _)) = frames.last() else {
+            ap.buf = buf;
+            return Err(SpoolError::TooLarge(0));
+        };
+        {
+            let st = self.state.lock();
+            let (records, bytes) = (st.unacked.len() as u64, st.disk_bytes);
+            if records + frames.len() as u64 > self.limits.max_records
+                || bytes + buf.len() as u64 > self.limits.max_bytes
+            {
+                ap.buf = buf;
+                return Err(SpoolError::Full { records, bytes });
             }
         }
+        let written = self.write(ap, &buf, first_seq, last_seq);
+        if let Err(e) = written {
+            ap.buf = buf;
+            tracing::error!(error = %e, "audit spool write failed");
+            return Err(SpoolError::Io(e));
+        }
+        ap.next_seq = last_seq + 1;
+        {
+            let mut st = self.state.lock();
+            for &(seq, a, b) in &frames {
+                st.unacked
+                    .push_back((seq, Bytes::copy_from_slice(&buf[a..b])));
+            }
+            self.metrics
+                .spool_unacked
+                .set(i64::try_from(st.unacked.len()).unwrap_or(i64::MAX));
+        }
+        ap.buf = buf;
+        self.last_seq.send_replace(last_seq);
+        // Hand the new high-water mark to the sync thread (under its lock,
+        // so the wake-up cannot fall between its check and its wait).
+        {
+            let mut w = self.sync_work.lock();
+            w.written = last_seq;
+            if !self.dirty.swap(true, Ordering::AcqRel) {
+                self.sync_cv.notify_one();
+            }
+        }
+        Ok(first_seq..=last_seq)
     }
 
-    /// Write + fdatasync one batch; on failure roll the file back so no
-    /// half-acknowledged frame stays behind (or poison the spool).
-    fn write_batch(&mut self, buf: &[u8], first_seq: u64, last_seq: u64) -> io::Result<()> {
-        let need_new = match &self.active {
+    fn write(
+        &self,
+        ap: &mut Appender,
+        buf: &[u8],
+        first_seq: u64,
+        last_seq: u64,
+    ) -> io::Result<()> {
+        let need_new = match &ap.active {
             None => true,
-            Some(a) => a.len >= self.shared.limits.segment_bytes,
+            Some(a) => a.len >= self.limits.segment_bytes,
         };
         if need_new {
-            self.open_segment(first_seq)?;
+            self.open_segment(ap, first_seq)?;
         }
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = ap.active.as_mut() else {
             return Err(io::Error::other("no active segment"));
         };
         let before = active.len;
-        let res = active
-            .file
-            .write_all(buf)
-            .and_then(|()| active.file.sync_data());
-        match res {
+        match (&*active.file).write_all(buf) {
             Ok(()) => {
                 active.len += buf.len() as u64;
-                let mut st = self.shared.state.lock();
+                let mut st = self.state.lock();
                 st.disk_bytes += buf.len() as u64;
                 if let Some(seg) = st.segments.back_mut() {
                     seg.bytes += buf.len() as u64;
@@ -637,45 +813,98 @@ impl Writer {
                 Ok(())
             }
             Err(e) => {
+                // Cut the partial frame off so the next record starts on a
+                // frame boundary; if even that fails the file is unusable.
                 let rollback = active
                     .file
                     .set_len(before)
-                    .and_then(|()| active.file.seek(SeekFrom::Start(before)).map(|_| ()))
-                    .and_then(|()| active.file.sync_data());
+                    .and_then(|()| (&*active.file).seek(SeekFrom::Start(before)).map(|_| ()));
                 if rollback.is_err() {
-                    self.poisoned = true;
+                    ap.poisoned = true;
                 }
                 Err(e)
             }
         }
     }
 
-    fn open_segment(&mut self, first_seq: u64) -> io::Result<()> {
+    fn open_segment(&self, ap: &mut Appender, first_seq: u64) -> io::Result<()> {
         // Reuse the last recovered segment if it is still small.
-        if self.active.is_none() {
-            let last = self.shared.state.lock().segments.back().cloned();
+        if ap.active.is_none() {
+            let last = self.state.lock().segments.back().cloned();
             if let Some(seg) = last
-                && seg.bytes < self.shared.limits.segment_bytes
+                && seg.bytes < self.limits.segment_bytes
             {
-                let mut file = OpenOptions::new().append(true).open(&seg.path)?;
-                file.seek(SeekFrom::End(0))?;
-                self.active = Some(Active {
+                let file = OpenOptions::new().append(true).open(&seg.path)?;
+                let file = Arc::new(file);
+                self.sync_work.lock().file = Some(file.clone());
+                ap.active = Some(Active {
                     file,
                     len: seg.bytes,
                 });
                 return Ok(());
             }
         }
-        let path = self.shared.dir.join(seg_name(first_seq));
+        let path = self.dir.join(seg_name(first_seq));
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        fsync_dir(&self.shared.dir)?;
-        self.shared.state.lock().segments.push_back(Segment {
+        fsync_dir(&self.dir)?;
+        self.state.lock().segments.push_back(Segment {
             last_seq: first_seq.saturating_sub(1),
             path,
             bytes: 0,
         });
-        self.active = Some(Active { file, len: 0 });
+        let file = Arc::new(file);
+        {
+            // The rotated-out segment still needs its final sync.
+            let mut w = self.sync_work.lock();
+            if let Some(old) = w.file.replace(file.clone()) {
+                w.retired.push(old);
+            }
+        }
+        ap.active = Some(Active { file, len: 0 });
         Ok(())
+    }
+
+    /// The `audit-spool-sync` thread: waits for a write, lets the
+    /// [`SpoolSync::Interval`] window fill, `fdatasync`s every file with
+    /// unsynced data and publishes the synced seq. Exits after a final sync
+    /// once the last handle is gone.
+    fn sync_loop(self: Arc<Self>) {
+        loop {
+            let shutdown = {
+                let mut w = self.sync_work.lock();
+                while !self.dirty.load(Ordering::Acquire) && !w.shutdown {
+                    self.sync_cv.wait(&mut w);
+                }
+                w.shutdown
+            };
+            if !shutdown && let SpoolSync::Interval(d) = self.limits.sync {
+                std::thread::sleep(d);
+            }
+            // Everything written before this swap is covered by this sync.
+            self.dirty.store(false, Ordering::Release);
+            let (through, file, retired) = {
+                let mut w = self.sync_work.lock();
+                (w.written, w.file.clone(), std::mem::take(&mut w.retired))
+            };
+            let res = retired
+                .iter()
+                .chain(file.iter())
+                .try_for_each(|f| f.sync_data());
+            match res {
+                Ok(()) => {
+                    self.synced
+                        .send_modify(|s| s.through = s.through.max(through));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "audit spool fdatasync failed: spool poisoned, every later attempt is denied");
+                    self.synced.send_modify(|s| s.failed = true);
+                    self.error.inc();
+                }
+            }
+            if shutdown {
+                return;
+            }
+        }
     }
 }
 

@@ -1,10 +1,12 @@
 //! The durable audit spool: durability across reopen, monotonic seq, bounds,
-//! unwritable directory, torn tail recovery, group commit.
+//! unwritable directory, torn tail recovery, the sync policies, batches.
 
 use std::io::Write;
 use std::time::Instant;
 
-use secureops_pep::{AuditFinding, AuditSpool, SpoolError, SpoolLimits};
+use std::time::Duration;
+
+use secureops_pep::{AuditFinding, AuditSpool, SpoolError, SpoolLimits, SpoolSync};
 
 fn finding(host: &str) -> AuditFinding {
     AuditFinding {
@@ -208,9 +210,132 @@ async fn concurrent_appends_get_distinct_seqs() {
     assert_eq!(seqs.len(), 400);
     assert_eq!(*seqs.last().unwrap(), 450);
     println!(
-        "spool: serial append (1 fdatasync each) {serial:?}/record; 400 concurrent appends in {conc:?} ({:?}/record)",
+        "spool (default sync policy): serial append {serial:?}/record; 400 concurrent appends in {conc:?} ({:?}/record)",
         conc / 400
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn always_policy_returns_only_synced_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = AuditSpool::open(
+        dir.path(),
+        SpoolLimits {
+            sync: SpoolSync::Always,
+            ..SpoolLimits::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(s.sync_policy(), SpoolSync::Always);
+    let mut hs = Vec::new();
+    for i in 0..64 {
+        let s = s.clone();
+        hs.push(tokio::spawn(async move {
+            let seq = s.record(finding(&format!("a{i}"))).await.unwrap();
+            // The contract of `always`: returned ⇒ fdatasynced.
+            assert!(s.synced_through() >= seq, "{seq} not synced");
+            seq
+        }));
+    }
+    let mut seqs = Vec::new();
+    for h in hs {
+        seqs.push(h.await.unwrap());
+    }
+    seqs.sort();
+    assert_eq!(seqs, (1..=64).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn interval_policy_syncs_in_the_background_within_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = AuditSpool::open(
+        dir.path(),
+        SpoolLimits {
+            sync: SpoolSync::Interval(Duration::from_millis(20)),
+            ..SpoolLimits::default()
+        },
+    )
+    .unwrap();
+    let seq = s.record(finding("a")).await.unwrap();
+    // Written (readable by a fresh reader of the file) before the sync.
+    let on_disk: usize = segs(dir.path())
+        .iter()
+        .map(|p| std::fs::read(p).unwrap().len())
+        .sum();
+    assert!(on_disk > 0, "the record is written before record() returns");
+    let t = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), s.wait_synced(seq))
+        .await
+        .expect("background sync happened")
+        .unwrap();
+    println!("interval:20ms: synced after {:?}", t.elapsed());
+    assert!(s.synced_through() >= seq);
+}
+
+#[tokio::test]
+async fn append_batch_is_one_contiguous_all_or_nothing_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = AuditSpool::open(
+        dir.path(),
+        SpoolLimits {
+            max_records: 10,
+            ..SpoolLimits::default()
+        },
+    )
+    .unwrap();
+    s.record(finding("first")).await.unwrap();
+    let r = s
+        .append_batch((0..5).map(|i| finding(&format!("b{i}"))).collect())
+        .unwrap();
+    assert_eq!(r, 2..=6);
+    // 6 + 5 > 10: the whole batch is refused, nothing of it is written.
+    let e = s
+        .append_batch((0..5).map(|i| finding(&format!("c{i}"))).collect())
+        .unwrap_err();
+    assert!(matches!(e, SpoolError::Full { .. }), "{e}");
+    assert_eq!(s.last_seq(), 6);
+    assert!(matches!(
+        s.append_batch(Vec::new()),
+        Err(SpoolError::TooLarge(0))
+    ));
+    s.wait_synced(6).await.unwrap();
+    drop(s);
+    let s = AuditSpool::open(dir.path(), SpoolLimits::default()).unwrap();
+    let hosts: Vec<_> = s
+        .unacked_after(0, 100)
+        .into_iter()
+        .map(|r| (r.source_seq, r.finding.unwrap().host))
+        .collect();
+    assert_eq!(
+        hosts,
+        vec![
+            (1, "first".to_string()),
+            (2, "b0".into()),
+            (3, "b1".into()),
+            (4, "b2".into()),
+            (5, "b3".into()),
+            (6, "b4".into())
+        ]
+    );
+}
+
+#[test]
+fn sync_policy_parses_and_prints() {
+    assert_eq!("always".parse::<SpoolSync>().unwrap(), SpoolSync::Always);
+    let p: SpoolSync = "interval:5ms".parse().unwrap();
+    assert_eq!(p, SpoolSync::Interval(Duration::from_millis(5)));
+    assert_eq!(p.to_string(), "interval:5ms");
+    assert_eq!(SpoolSync::default(), p);
+    for bad in [
+        "",
+        "never",
+        "interval:0ms",
+        "interval:5s",
+        "interval:5000ms",
+        "interval:ms",
+    ] {
+        assert!(bad.parse::<SpoolSync>().is_err(), "{bad:?} accepted");
+    }
 }
 
 #[tokio::test]

@@ -11,6 +11,7 @@ use prometheus_client::registry::Registry;
 use secureops_pep::telemetry::{self, LogFormat, Readiness};
 use secureops_pep::{
     AllowlistPdp, AuditSpool, FailMode, PolicyDecisionPoint, Shipper, ShipperConfig, SpoolLimits,
+    SpoolSync,
 };
 use secureops_proxy::audit::{
     AuditSink, JsonlAuditLog, SpoolAuditSink, TeeAuditSink, TracingAuditLog,
@@ -52,6 +53,11 @@ struct Args {
     /// Durable audit spool directory.
     #[arg(long, env = "SECUREOPS_SPOOL_DIR")]
     spool_dir: Option<PathBuf>,
+    /// When spooled records reach stable storage: `always` (no upstream
+    /// byte before the record's fdatasync) or `interval:<n>ms` (the record
+    /// is written before the dial; a background fdatasync follows within n ms).
+    #[arg(long, env = "SECUREOPS_SPOOL_SYNC", default_value_t = SpoolSync::default())]
+    spool_sync: SpoolSync,
     /// Also append every audit record as one JSON line to this file.
     #[arg(long, env = "SECUREOPS_AUDIT_LOG")]
     audit_log: Option<PathBuf>,
@@ -304,9 +310,12 @@ fn build_audit(
             bail!("--audit needs --spool-dir (records are spooled durably, then shipped)")
         }
         (Some(dir), audit) => {
-            let spool =
-                AuditSpool::open_with_metrics(dir, SpoolLimits::default(), pep_metrics.clone())
-                    .with_context(|| format!("opening the audit spool {}", dir.display()))?;
+            let limits = SpoolLimits {
+                sync: args.spool_sync,
+                ..SpoolLimits::default()
+            };
+            let spool = AuditSpool::open_with_metrics(dir, limits, pep_metrics.clone())
+                .with_context(|| format!("opening the audit spool {}", dir.display()))?;
             if let Some(endpoint) = audit {
                 let token = args
                     .audit_token_file
