@@ -2,12 +2,13 @@
 //!
 //! `tokio::io::copy_bidirectional` keeps two 8 KiB buffers alive for the
 //! whole life of a tunnel, idle or not: 16 KiB per tunnel before the kernel's
-//! own socket buffers. Here a direction owns a buffer only while data is
-//! flowing: it waits for readiness with no buffer, takes a 64 KiB buffer
-//! (uninitialised capacity, so no memset), drains the socket, and drops the
-//! buffer again when the socket would block. An idle tunnel therefore costs
-//! two registered sockets and a small task; a bulk tunnel reuses one buffer
-//! per direction for as long as the burst lasts.
+//! own socket buffers. Here no tunnel owns a buffer: a direction waits for
+//! readiness, then copies synchronously through its worker thread's 64 KiB
+//! scratch buffer (read, then write to the other socket, no await in
+//! between), and only when the destination is full does it keep the unsent
+//! rest in a buffer of its own until it drains. An idle tunnel therefore
+//! costs two registered sockets and a small task, and a busy one allocates
+//! nothing per read.
 //!
 //! Bulk flows are upgraded to `splice(2)` through a pipe once a direction
 //! has moved [`SPLICE_AFTER`] bytes: the payload then moves socket → pipe →
@@ -75,30 +76,73 @@ pub async fn tunnel(
     Ok(stats)
 }
 
+/// One synchronous copy step through the thread's scratch buffer.
+enum Step {
+    /// Read EOF.
+    Eof,
+    /// `n` bytes read and fully written.
+    Moved(usize),
+    /// `n` bytes read; the destination took only part: `rest` must still
+    /// be written (after waiting for writability).
+    Partial(usize, Vec<u8>),
+    /// Source drained (would block).
+    Drained,
+    Failed(io::Error),
+}
+
+thread_local! {
+    /// Per-worker copy buffer. Used only between two awaits (never held
+    /// across one), so one buffer per thread serves every tunnel: no
+    /// allocation per readable event, and idle tunnels own no buffer.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; BUF].into_boxed_slice());
+}
+
+fn copy_step(src: &TcpStream, dst: &TcpStream) -> Step {
+    SCRATCH.with(|cell| {
+        let Ok(mut buf) = cell.try_borrow_mut() else {
+            // Unreachable (no await while borrowed); fail the tunnel rather
+            // than panic.
+            return Step::Failed(io::Error::other("tunnel scratch buffer busy"));
+        };
+        let n = match src.try_read(&mut buf[..]) {
+            Ok(0) => return Step::Eof,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Drained,
+            Err(e) => return Step::Failed(e),
+        };
+        match dst.try_write(&buf[..n]) {
+            Ok(m) if m == n => Step::Moved(n),
+            Ok(0) => Step::Failed(io::ErrorKind::WriteZero.into()),
+            Ok(m) => Step::Partial(n, buf[m..n].to_vec()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Partial(n, buf[..n].to_vec()),
+            Err(e) => Step::Failed(e),
+        }
+    })
+}
+
 async fn pump(src: &TcpStream, dst: &TcpStream, splice_after: u64) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
         src.readable().await?;
-        let mut buf: Vec<u8> = Vec::with_capacity(BUF);
         loop {
-            buf.clear();
-            match src.try_read_buf(&mut buf) {
-                Ok(0) => {
+            match copy_step(src, dst) {
+                Step::Eof => {
                     // Propagate the half-close; ignore ENOTCONN if the peer
                     // already went away.
                     let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
                     return Ok(total);
                 }
-                Ok(n) => {
-                    write_all(dst, &buf[..n]).await?;
+                Step::Moved(n) => total += n as u64,
+                Step::Partial(n, rest) => {
+                    write_all(dst, &rest).await?;
                     total += n as u64;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
+                Step::Drained => break,
+                Step::Failed(e) => return Err(e),
             }
         }
         if splice_after > 0 && total >= splice_after {
-            drop(buf);
             match new_pipe() {
                 Ok(pipe) => return pump_splice(src, dst, pipe, total).await,
                 // No pipe (EMFILE...): keep copying.
