@@ -13,12 +13,16 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use secureops_pep::{Attributor, ProcessIdentity};
 
 const MAX_MEMO: usize = 4096;
+
+/// (client socket, tcp) → (when attributed, identity).
+type Memo = HashMap<(SocketAddr, bool), (Instant, Arc<ProcessIdentity>)>;
 
 #[derive(Debug)]
 pub struct ClientAttribution {
@@ -27,7 +31,7 @@ pub struct ClientAttribution {
     /// on a wildcard address (match on the client side only).
     server: Option<SocketAddr>,
     ttl: Duration,
-    memo: Mutex<HashMap<(SocketAddr, bool), (Instant, ProcessIdentity)>>,
+    memo: Mutex<Memo>,
 }
 
 impl ClientAttribution {
@@ -40,13 +44,23 @@ impl ClientAttribution {
         }
     }
 
+    /// The memoised identity of `client`, if it asked within the last
+    /// `ttl` (no /proc scan; `None` ⇒ call [`Self::attribute`]).
+    pub fn cached(&self, client: SocketAddr, tcp: bool) -> Option<Arc<ProcessIdentity>> {
+        let now = Instant::now();
+        match self.memo.lock().get(&(client, tcp)) {
+            Some((at, id)) if now.duration_since(*at) < self.ttl => Some(id.clone()),
+            _ => None,
+        }
+    }
+
     /// Identity of the process behind `client` (pid 0 when unknown).
     pub async fn attribute(&self, client: SocketAddr, tcp: bool) -> ProcessIdentity {
         let now = Instant::now();
         if let Some((at, id)) = self.memo.lock().get(&(client, tcp))
             && now.duration_since(*at) < self.ttl
         {
-            return id.clone();
+            return ProcessIdentity::clone(id);
         }
         let id = match (tcp, self.server) {
             (true, Some(server)) => self.inner.attribute_tcp_async(server, client).await,
@@ -81,7 +95,7 @@ impl ClientAttribution {
                 memo.clear();
             }
         }
-        memo.insert((client, tcp), (now, id.clone()));
+        memo.insert((client, tcp), (now, Arc::new(id.clone())));
         id
     }
 }

@@ -1,14 +1,16 @@
 //! Where the sinkhole writes its one audit record per query.
 //!
-//! The record is written (durably, with the pep-core [`AuditSpool`]) *before*
-//! the answer is sent and before anything is forwarded upstream
-//! (DESIGN.md §7); if it cannot be written the query is sinkholed with
-//! `fail_closed:audit_spool`.
+//! The record is written (to the pep-core [`AuditSpool`]: into the spool
+//! file, so it survives a crash of the process; `fdatasync` per the spool's
+//! [`SpoolSync`] policy) *before* the answer is sent and before anything is
+//! forwarded upstream (DESIGN.md §7); if it cannot be written the query is
+//! sinkholed with `fail_closed:audit_spool`. The UDP fast path writes one
+//! batch per `recvmmsg` ([`AuditSink::record_batch`]).
 
 use std::future::Future;
 use std::pin::Pin;
 
-use secureops_pep::{AuditFinding, AuditSpool};
+use secureops_pep::{AuditFinding, AuditSpool, SpoolSync};
 
 /// Why a record could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +22,23 @@ pub type AuditFuture<'a> = Pin<Box<dyn Future<Output = Result<(), AuditError>> +
 /// A durable (or at least ordered) destination for audit records.
 pub trait AuditSink: Send + Sync {
     fn record(&self, finding: AuditFinding) -> AuditFuture<'_>;
+
+    /// Record a batch (one receive batch of the UDP fast path), in order.
+    /// All records are queued by the first poll of the returned future;
+    /// it resolves once every record is written (`Err` if any failed: the
+    /// caller then sinkholes every query of the batch).
+    fn record_batch(&self, findings: Vec<AuditFinding>) -> AuditFuture<'_> {
+        let futs: Vec<_> = findings.into_iter().map(|f| self.record(f)).collect();
+        Box::pin(async move {
+            let mut res = Ok(());
+            for r in futures::future::join_all(futs).await {
+                if r.is_err() {
+                    res = r;
+                }
+            }
+            res
+        })
+    }
 }
 
 impl AuditSink for AuditSpool {
@@ -29,6 +48,25 @@ impl AuditSink for AuditSpool {
                 .await
                 .map(|_| ())
                 .map_err(|e| AuditError(e.to_string()))
+        })
+    }
+
+    /// One `write(2)` for the whole batch, done by this call (before the
+    /// future is even polled); with `--spool-sync always` the future then
+    /// waits for the batch's `fdatasync`.
+    fn record_batch(&self, findings: Vec<AuditFinding>) -> AuditFuture<'_> {
+        if findings.is_empty() {
+            return Box::pin(std::future::ready(Ok(())));
+        }
+        let written = self.append_batch(findings);
+        Box::pin(async move {
+            let seqs = written.map_err(|e| AuditError(e.to_string()))?;
+            if self.sync_policy() == SpoolSync::Always {
+                self.wait_synced(*seqs.end())
+                    .await
+                    .map_err(|e| AuditError(e.to_string()))?;
+            }
+            Ok(())
         })
     }
 }

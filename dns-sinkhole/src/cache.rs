@@ -16,8 +16,29 @@ use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{RData, Record, RecordType};
 use parking_lot::Mutex;
 
-/// Cache key: normalised name, qtype, qclass, DO bit.
-pub type CacheKey = (Box<str>, u16, u16, bool);
+use crate::wire::WireSections;
+
+/// Cache key: normalised name, then qtype, qclass (big endian) and the DO
+/// bit as a last byte (see [`cache_key`]). Bytes, so a lookup can borrow a
+/// reused buffer instead of allocating.
+pub type CacheKey = Box<[u8]>;
+
+/// Write the cache key of (`host`, `qtype`, `qclass`, `dnssec_ok`) into
+/// `out` (cleared first).
+pub fn write_cache_key(out: &mut Vec<u8>, host: &str, qtype: u16, qclass: u16, dnssec_ok: bool) {
+    out.clear();
+    out.extend_from_slice(host.as_bytes());
+    out.extend_from_slice(&qtype.to_be_bytes());
+    out.extend_from_slice(&qclass.to_be_bytes());
+    out.push(u8::from(dnssec_ok));
+}
+
+/// The owned cache key of (`host`, `qtype`, `qclass`, `dnssec_ok`).
+pub fn cache_key(host: &str, qtype: u16, qclass: u16, dnssec_ok: bool) -> CacheKey {
+    let mut k = Vec::with_capacity(host.len() + 5);
+    write_cache_key(&mut k, host, qtype, qclass, dnssec_ok);
+    k.into()
+}
 
 /// One cached upstream answer.
 #[derive(Debug)]
@@ -27,6 +48,9 @@ pub struct CachedAnswer {
     pub answers: Vec<Record>,
     pub authorities: Vec<Record>,
     pub additionals: Vec<Record>,
+    /// The same sections in upstream wire form, for the UDP fast path
+    /// (`None` when the upstream message had an unexpected shape).
+    pub wire: Option<WireSections>,
     stored: Instant,
     ttl: Duration,
 }
@@ -71,9 +95,17 @@ impl CachedAnswer {
                 .filter(|r| r.record_type() != RecordType::OPT)
                 .cloned()
                 .collect(),
+            wire: None,
             stored: now,
             ttl: Duration::from_secs(u64::from(ttl)),
         }
+    }
+
+    /// Attach the wire form of the upstream answer `raw` whose question is
+    /// `question_len` bytes long (see [`WireSections::from_upstream`]).
+    pub fn with_wire(mut self, raw: &[u8], question_len: usize) -> Self {
+        self.wire = WireSections::from_upstream(raw, question_len);
+        self
     }
 
     /// [`Self::cacheable_ttl`] + [`Self::new`].
@@ -113,11 +145,11 @@ impl AnswerCache {
         }
     }
 
-    fn shard(&self, key: &CacheKey) -> &Mutex<HashMap<CacheKey, Arc<CachedAnswer>>> {
+    fn shard(&self, key: &[u8]) -> &Mutex<HashMap<CacheKey, Arc<CachedAnswer>>> {
         &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
     }
 
-    pub fn get(&self, key: &CacheKey, now: Instant) -> Option<Arc<CachedAnswer>> {
+    pub fn get(&self, key: &[u8], now: Instant) -> Option<Arc<CachedAnswer>> {
         if self.per_shard == 0 {
             return None;
         }
@@ -136,7 +168,7 @@ impl AnswerCache {
         if self.per_shard == 0 {
             return;
         }
-        let mut shard = self.shard(&key).lock();
+        let mut shard = self.shard(&key[..]).lock();
         if shard.len() >= self.per_shard {
             shard.retain(|_, a| !a.expired(now));
             if shard.len() >= self.per_shard {
@@ -180,7 +212,7 @@ mod tests {
     fn ttl_is_respected() {
         let c = AnswerCache::new(100, 3600);
         let t0 = Instant::now();
-        let key: CacheKey = ("a.example".into(), 1, 1, false);
+        let key = cache_key("a.example", 1, 1, false);
         c.insert(
             key.clone(),
             CachedAnswer::from_message(&answer(2), 3600, t0).unwrap(),
@@ -199,7 +231,7 @@ mod tests {
         let c = AnswerCache::new(32, 3600);
         let t0 = Instant::now();
         for i in 0..1000 {
-            let key: CacheKey = (format!("h{i}.example").into(), 1, 1, false);
+            let key = cache_key(&format!("h{i}.example"), 1, 1, false);
             c.insert(
                 key,
                 CachedAnswer::from_message(&answer(60), 3600, t0).unwrap(),

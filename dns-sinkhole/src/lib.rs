@@ -12,9 +12,13 @@
 //!
 //! Shape of the implementation:
 //! * [`DnsSinkhole`] is a hickory-server 0.26 `RequestHandler`. TCP is served
-//!   by hickory's `Server`; UDP by [`server::serve_udp`] (hickory's request
-//!   parsing and the same handler, without hickory's per-socket stream and
-//!   channel hop). UDP and TCP share one port (port 0 allowed).
+//!   by hickory's `Server`. UDP is served by [`fastpath`]: `recvmmsg`
+//!   batches, a hand-written parser for plain queries ([`wire`]), the same
+//!   PDP / exfiltration / audit steps with one audit write per batch, and
+//!   answers from pre-encoded wire bytes sent with `sendmmsg`; every
+//!   unusual datagram goes to hickory's request parsing and the same
+//!   handler as TCP ([`server::spawn_slow`]). UDP and TCP share one port
+//!   (port 0 allowed).
 //! * Malformed input never reaches the PDP or the upstream: undecodable
 //!   messages get FORMERR, qdcount ≠ 1 FORMERR, non-QUERY opcodes NOTIMP,
 //!   AXFR/IXFR/ANY/non-IN REFUSED, responses and runts are dropped.
@@ -32,10 +36,12 @@ pub mod audit;
 pub mod cache;
 pub mod context;
 pub mod exfil;
+pub mod fastpath;
 pub mod forward;
 pub mod metrics;
 pub mod name;
 pub mod server;
 mod sinkhole;
+pub mod wire;
 
 pub use sinkhole::{DnsSinkhole, SinkholeAnswer, SinkholeConfig, SinkholeParts};

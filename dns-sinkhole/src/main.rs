@@ -126,6 +126,11 @@ struct Args {
     /// Worker threads (0 = available CPUs).
     #[arg(long, env = "SECUREOPS_THREADS", default_value_t = 0)]
     threads: usize,
+    /// Answer plain UDP queries on the batched fast path (recvmmsg /
+    /// sendmmsg, wire-form answers). `false`: every UDP query through the
+    /// hickory path (for comparison; slower).
+    #[arg(long, env = "SECUREOPS_UDP_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
+    udp_fast_path: bool,
     /// UDP receive sockets on the listen port (SO_REUSEPORT; 0 = threads).
     #[arg(long, env = "SECUREOPS_UDP_SOCKETS", default_value_t = 0)]
     udp_sockets: usize,
@@ -291,6 +296,8 @@ async fn run(args: Args, threads: usize) -> anyhow::Result<()> {
             pdp_timeout: pdp_guard,
             fail_mode: args.fail_mode,
             audit_async_deny: args.audit_async_deny,
+            // AllowlistPdp (standalone) decides on the host alone.
+            pdp_uses_process: args.pdp.is_some(),
             ..SinkholeConfig::default()
         },
         pdp,
@@ -311,8 +318,12 @@ async fn run(args: Args, threads: usize) -> anyhow::Result<()> {
         tracing::warn!("--fail-mode open: PDP failures ALLOW queries (audited as fail_open)");
     }
 
-    let mut server =
-        secureops_dns::server::serve(Arc::new(sinkhole), listeners, Duration::from_secs(10));
+    let mut server = secureops_dns::server::serve(
+        Arc::new(sinkhole),
+        listeners,
+        Duration::from_secs(10),
+        args.udp_fast_path,
+    );
     let readiness = Readiness::new();
     if let Some(m) = args.metrics_listen {
         serve_ops(m, Arc::new(registry), readiness.clone()).await?;

@@ -17,6 +17,8 @@ use hickory_server::zone_handler::MessageResponse;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, UdpSocket};
 
+use crate::DnsSinkhole;
+
 /// Bound sockets, ready to be registered with a hickory [`Server`].
 #[derive(Debug)]
 pub struct Listeners {
@@ -79,17 +81,25 @@ pub fn bind(addr: SocketAddr, udp_sockets: usize) -> io::Result<Listeners> {
     Err(last_err)
 }
 
-/// Serve `handler`: TCP through a hickory [`Server`] (`tcp_timeout` bounds
-/// idle connections), UDP through [`serve_udp`] loops (one per socket).
-pub fn serve<H: RequestHandler>(
-    handler: Arc<H>,
+/// Serve `sinkhole`: TCP through a hickory [`Server`] (`tcp_timeout` bounds
+/// idle connections), UDP through one receive loop per socket: the batched
+/// fast path ([`crate::fastpath::serve_udp_fast`]) or, with `fast_path`
+/// off, the hickory-only [`serve_udp`] loop (the reference the fast path is
+/// tested against).
+pub fn serve(
+    sinkhole: Arc<DnsSinkhole>,
     listeners: Listeners,
     tcp_timeout: Duration,
-) -> Server<Shared<H>> {
+    fast_path: bool,
+) -> Server<Shared<DnsSinkhole>> {
     for s in listeners.udp {
-        tokio::spawn(serve_udp(handler.clone(), s));
+        if fast_path {
+            tokio::spawn(crate::fastpath::serve_udp_fast(sinkhole.clone(), s));
+        } else {
+            tokio::spawn(serve_udp(sinkhole.clone(), s));
+        }
     }
-    let mut server = Server::new(Shared(handler));
+    let mut server = Server::new(Shared(sinkhole));
     server.register_listener(listeners.tcp, tcp_timeout, 64);
     server
 }
@@ -113,10 +123,10 @@ impl<H: RequestHandler> RequestHandler for Shared<H> {
 /// Sends one UDP answer, truncated (TC) to what the client can take: its
 /// EDNS payload size (512 without EDNS), capped at 4096.
 #[derive(Clone)]
-struct UdpResponder {
-    socket: Arc<UdpSocket>,
-    dst: SocketAddr,
-    limit: u16,
+pub(crate) struct UdpResponder {
+    pub(crate) socket: Arc<UdpSocket>,
+    pub(crate) dst: SocketAddr,
+    pub(crate) limit: u16,
 }
 
 #[async_trait::async_trait]
@@ -178,33 +188,44 @@ pub async fn serve_udp<H: RequestHandler>(handler: Arc<H>, socket: UdpSocket) {
         if n < 12 || buf[2] & 0x80 != 0 || src.port() == 0 {
             continue;
         }
-        let raw = buf[..n].to_vec();
-        let mut head = [0u8; 12];
-        head.copy_from_slice(&buf[..12]);
-        let handler = handler.clone();
-        let socket = socket.clone();
-        tokio::spawn(async move {
-            match Request::from_bytes(raw, src, XProtocol::Udp) {
-                Ok(req) => {
-                    let limit = req
-                        .edns
-                        .as_ref()
-                        .map_or(512, |e| e.max_payload().clamp(512, 4096));
-                    let responder = UdpResponder {
-                        socket,
-                        dst: src,
-                        limit,
-                    };
-                    handler
-                        .handle_request::<_, TokioTime>(&req, responder)
-                        .await;
-                }
-                Err(_) => {
-                    if let Some(out) = formerr(&head) {
-                        let _ = socket.send_to(&out, src).await;
-                    }
+        spawn_slow(handler.clone(), socket.clone(), buf[..n].to_vec(), src);
+    }
+}
+
+/// Handle one datagram with hickory's parser and `handler` in its own task
+/// (undecodable ⇒ FORMERR with the id echoed).
+pub(crate) fn spawn_slow<H: RequestHandler>(
+    handler: Arc<H>,
+    socket: Arc<UdpSocket>,
+    raw: Vec<u8>,
+    src: SocketAddr,
+) {
+    if raw.len() < 12 {
+        return;
+    }
+    let mut head = [0u8; 12];
+    head.copy_from_slice(&raw[..12]);
+    tokio::spawn(async move {
+        match Request::from_bytes(raw, src, XProtocol::Udp) {
+            Ok(req) => {
+                let limit = req
+                    .edns
+                    .as_ref()
+                    .map_or(512, |e| e.max_payload().clamp(512, 4096));
+                let responder = UdpResponder {
+                    socket,
+                    dst: src,
+                    limit,
+                };
+                handler
+                    .handle_request::<_, TokioTime>(&req, responder)
+                    .await;
+            }
+            Err(_) => {
+                if let Some(out) = formerr(&head) {
+                    let _ = socket.send_to(&out, src).await;
                 }
             }
-        });
-    }
+        }
+    });
 }

@@ -22,7 +22,7 @@ use secureops_proto::v1::AuditFinding;
 
 use crate::attribution::ClientAttribution;
 use crate::audit::AuditSink;
-use crate::cache::{AnswerCache, CacheKey, CachedAnswer};
+use crate::cache::{AnswerCache, CachedAnswer, cache_key};
 use crate::context::ContextReporter;
 use crate::exfil::{ExfilGuard, ExfilVerdict};
 use crate::forward::Forwarder;
@@ -79,6 +79,12 @@ pub struct SinkholeConfig {
     /// can lose the record of a denied query. Allowed queries always wait
     /// for the durable record before anything is answered or forwarded.
     pub audit_async_deny: bool,
+    /// Whether the PDP looks at the requesting process (GrpcPdp: process
+    /// rules, process-scoped cache entries). The standalone `AllowlistPdp`
+    /// decides on the host only, so the UDP fast path hands it the process
+    /// ids without cloning exe / argv / ancestors (the audit record still
+    /// carries pid, start time, exe and uid).
+    pub pdp_uses_process: bool,
 }
 
 impl Default for SinkholeConfig {
@@ -92,21 +98,22 @@ impl Default for SinkholeConfig {
             sinkhole_ttl: 60,
             edns_payload: 1232,
             audit_async_deny: false,
+            pdp_uses_process: true,
         }
     }
 }
 
 /// The DNS policy enforcement point. See the crate documentation.
 pub struct DnsSinkhole {
-    cfg: SinkholeConfig,
-    pdp: Arc<dyn PolicyDecisionPoint>,
-    forwarder: Arc<Forwarder>,
-    cache: Arc<AnswerCache>,
-    exfil: Arc<ExfilGuard>,
-    audit: Arc<dyn AuditSink>,
-    context: Option<ContextReporter>,
-    attributor: Option<Arc<ClientAttribution>>,
-    metrics: DnsMetrics,
+    pub(crate) cfg: SinkholeConfig,
+    pub(crate) pdp: Arc<dyn PolicyDecisionPoint>,
+    pub(crate) forwarder: Arc<Forwarder>,
+    pub(crate) cache: Arc<AnswerCache>,
+    pub(crate) exfil: Arc<ExfilGuard>,
+    pub(crate) audit: Arc<dyn AuditSink>,
+    pub(crate) context: Option<ContextReporter>,
+    pub(crate) attributor: Option<Arc<ClientAttribution>>,
+    pub(crate) metrics: DnsMetrics,
     seq: AtomicU64,
     boot: String,
 }
@@ -125,10 +132,10 @@ pub struct SinkholeParts {
 }
 
 /// Outcome of the policy part of one query.
-struct Verdict {
-    outcome: PdpOutcome,
-    cause: &'static str,
-    detail: &'static str,
+pub(crate) struct Verdict {
+    pub(crate) outcome: PdpOutcome,
+    pub(crate) cause: &'static str,
+    pub(crate) detail: &'static str,
 }
 
 fn now_nanos() -> i64 {
@@ -187,13 +194,16 @@ impl DnsSinkhole {
         &self.forwarder
     }
 
-    fn request_id(&self) -> String {
+    pub(crate) fn request_id(&self) -> String {
+        use std::fmt::Write;
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        format!("dns-{}-{n}", self.boot)
+        let mut id = String::with_capacity(self.boot.len() + 26);
+        let _ = write!(id, "dns-{}-{n}", self.boot);
+        id
     }
 
     /// Policy: PDP (bounded), fail mode, then the exfiltration budget.
-    async fn decide(&self, req: &ConnectionRequest) -> Verdict {
+    pub(crate) async fn decide(&self, req: &ConnectionRequest) -> Verdict {
         let outcome =
             match tokio::time::timeout(self.cfg.pdp_timeout, self.pdp.decide(req)).await {
                 Ok(o) => o,
@@ -231,7 +241,7 @@ impl DnsSinkhole {
         }
     }
 
-    fn finding(&self, req: &ConnectionRequest, v: &Verdict) -> AuditFinding {
+    pub(crate) fn finding(&self, req: &ConnectionRequest, v: &Verdict) -> AuditFinding {
         let o = &v.outcome;
         AuditFinding {
             timestamp_unix_nanos: now_nanos(),
@@ -261,7 +271,39 @@ impl DnsSinkhole {
         }
     }
 
-    fn count(&self, decision: Decision, cause: &'static str, protocol: Protocol) {
+    /// [`Self::finding`] consuming the request and verdict (moves the
+    /// strings instead of cloning them: the UDP fast path's hot path).
+    pub(crate) fn finding_from(&self, req: ConnectionRequest, v: Verdict) -> AuditFinding {
+        let o = v.outcome;
+        AuditFinding {
+            timestamp_unix_nanos: now_nanos(),
+            pep_kind: "dns".into(),
+            pep_id: self.cfg.pep_id.clone(),
+            workload_id: req.workload_id,
+            pid: req.process.pid,
+            process_start_time: req.process.start_time,
+            exe: req.process.exe,
+            uid: req.process.uid,
+            host: req.host,
+            host_source: req.host_source as i32,
+            port: u32::from(req.port),
+            dialled_ip: String::new(),
+            transport: req.transport as i32,
+            decision: o.decision.to_proto() as i32,
+            reason: o.reason,
+            rule_id: o.rule_id,
+            policy_version: o.policy_version,
+            fail_closed_cause: o.fail_closed_cause.unwrap_or_default(),
+            escalation_id: o.escalation_id,
+            request_id: req.request_id,
+            would_deny: o.would_deny,
+            fail_mode: self.cfg.fail_mode.as_str().into(),
+            trace_id: String::new(),
+            detail: v.detail.into(),
+        }
+    }
+
+    pub(crate) fn count(&self, decision: Decision, cause: &'static str, protocol: Protocol) {
         self.metrics
             .queries
             .get_or_create(&QueryLabels {
@@ -541,24 +583,34 @@ impl DnsSinkhole {
             return self.send_sinkhole(request, handle, qtype).await;
         }
 
+        self.serve_allowed(request, handle, &req.host, qtype, qclass)
+            .await
+    }
+
+    /// Answer an allowed, audited query: from the answer cache, else from
+    /// the upstreams (reporting the answer addresses as DNS-learned
+    /// context and caching the answer).
+    pub(crate) async fn serve_allowed<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        handle: R,
+        host: &str,
+        qtype: RecordType,
+        qclass: DNSClass,
+    ) -> ResponseInfo {
         let dnssec_ok = request.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok);
-        let key: CacheKey = (
-            req.host.as_str().into(),
-            u16::from(qtype),
-            u16::from(qclass),
-            dnssec_ok,
-        );
+        let key = cache_key(host, u16::from(qtype), u16::from(qclass), dnssec_ok);
         let now = Instant::now();
         if let Some(hit) = self.cache.get(&key, now) {
             self.metrics.cache_hits.inc();
             let age = hit.age_secs(now);
             return self.send_answer(request, handle, &hit, age).await;
         }
-        let question = question_wire(&req.host, u16::from(qtype), u16::from(qclass));
+        let question = question_wire(host, u16::from(qtype), u16::from(qclass));
         let raw = match self.forwarder.forward(&question, dnssec_ok).await {
             Ok(raw) => raw,
             Err(e) => {
-                tracing::debug!(host = %req.host, error = %e, "forward failed");
+                tracing::debug!(host = %host, error = %e, "forward failed");
                 self.metrics.upstream_errors.inc();
                 return self
                     .send_error(request, handle, ResponseCode::ServFail)
@@ -568,7 +620,7 @@ impl DnsSinkhole {
         let msg = match Message::from_vec(&raw) {
             Ok(m) => m,
             Err(e) => {
-                tracing::debug!(host = %req.host, error = %e, "bad upstream answer");
+                tracing::debug!(host = %host, error = %e, "bad upstream answer");
                 self.metrics.upstream_errors.inc();
                 return self
                     .send_error(request, handle, ResponseCode::ServFail)
@@ -578,10 +630,10 @@ impl DnsSinkhole {
         self.metrics.forwarded.inc();
         if let Some(ctx) = &self.context {
             let (ips, ttl) = answer_ips(&msg.answers);
-            ctx.report(&req.host, ips, ttl);
+            ctx.report(host, ips, ttl);
         }
         let ttl = CachedAnswer::cacheable_ttl(&msg, self.cache.max_ttl);
-        let answer = CachedAnswer::new(&msg, ttl.unwrap_or(0), now);
+        let answer = CachedAnswer::new(&msg, ttl.unwrap_or(0), now).with_wire(&raw, question.len());
         let info = self.send_answer(request, handle, &answer, 0).await;
         if ttl.is_some() {
             self.cache.insert(key, answer, now);

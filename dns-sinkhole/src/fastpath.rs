@@ -1,0 +1,495 @@
+//! The UDP fast path: batched receive (`recvmmsg`), per-batch policy and
+//! audit, batched send (`sendmmsg`), answers from pre-encoded wire bytes.
+//!
+//! Per receive batch:
+//! 1. every datagram is parsed by [`wire::parse_query`]; anything that is
+//!    not a plain query (and every query whose name needs the full
+//!    normaliser, or whose client socket is not yet attributed) goes to the
+//!    hickory path ([`crate::server::spawn_slow`]), unchanged;
+//! 2. each plain query is decided by the configured PDP (same
+//!    [`DnsSinkhole::decide`]: deadline, fail mode, exfiltration budget).
+//!    A decision that is not ready at once (a gRPC round trip) continues in
+//!    its own task ([`DnsSinkhole::finish_pending`]);
+//! 3. all audit records of the batch are written with one
+//!    [`AuditSink::record_batch`] call — before any answer of the batch
+//!    leaves (allowed answers wait for it; sinkholed answers only need it
+//!    queued with `--audit-async-deny`). A failed write sinkholes every
+//!    query of the batch (`fail_closed:audit_spool`);
+//! 4. answers are built from wire bytes (sinkhole answers directly, allowed
+//!    names from the wire form of the cached upstream answer with TTLs
+//!    patched) and sent with one `sendmmsg`. An allowed name without a
+//!    usable cached answer (cache miss, answer too big for the client)
+//!    is served by the hickory code in its own task
+//!    ([`DnsSinkhole::serve_allowed`]) — its decision and audit record are
+//!    already done, so it is still exactly one record per query.
+//!
+//! [`AuditSink::record_batch`]: crate::audit::AuditSink::record_batch
+
+use std::future::Future;
+use std::io::{IoSlice, IoSliceMut};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use hickory_server::net::xfer::Protocol;
+use hickory_server::proto::rr::{DNSClass, RecordType};
+use hickory_server::server::Request;
+use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
+use secureops_pep::{
+    AuditFinding, ConnectionRequest, Decision, HostSource, ProcessIdentity, Transport,
+};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+
+use crate::audit::AuditError;
+use crate::cache::write_cache_key;
+use crate::server::{UdpResponder, spawn_slow};
+use crate::sinkhole::{DnsSinkhole, Verdict};
+use crate::wire::{self, ParseError, Query};
+
+/// Datagrams per `recvmmsg` / `sendmmsg`.
+pub const BATCH: usize = 32;
+/// Receive buffer per datagram: the largest UDP payload.
+const DGRAM: usize = 65536;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Poll `fut` once with a no-op waker.
+fn poll_once<T>(fut: &mut BoxFuture<T>) -> Poll<T> {
+    let waker = futures::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    fut.as_mut().poll(&mut cx)
+}
+
+/// A decided query waiting for its batch's audit write.
+pub(crate) struct Decided {
+    q: Query,
+    src: SocketAddr,
+    host: String,
+    allow: bool,
+    cause: &'static str,
+}
+
+/// What the policy step made of one datagram (moved once, never stored:
+/// boxing the large variant would cost an allocation per query).
+#[allow(clippy::large_enum_variant)]
+enum Step {
+    Slow,
+    Pending,
+    Decided(Decided, AuditFinding),
+}
+
+fn udp_req(sink: &DnsSinkhole, host: String, process: ProcessIdentity) -> ConnectionRequest {
+    ConnectionRequest {
+        request_id: sink.request_id(),
+        workload_id: sink.cfg.workload_id.clone(),
+        process,
+        host,
+        port: 53,
+        ip: None,
+        resolved_ips: Vec::new(),
+        host_source: HostSource::DnsQuery,
+        transport: Transport::Udp,
+    }
+}
+
+impl DnsSinkhole {
+    /// Policy step of one plain query (see the module documentation).
+    fn fast_decide(self: &Arc<Self>, socket: &Arc<UdpSocket>, q: Query, src: SocketAddr) -> Step {
+        let mut host = String::with_capacity(q.qname().len());
+        if !q.normalized_name(&mut host) {
+            return Step::Slow;
+        }
+        let mut exe = None;
+        let process = match &self.attributor {
+            Some(a) => match a.cached(src, false) {
+                Some(p) if self.cfg.pdp_uses_process => ProcessIdentity::clone(&p),
+                Some(p) => {
+                    let slim = ProcessIdentity {
+                        pid: p.pid,
+                        start_time: p.start_time,
+                        uid: p.uid,
+                        ..ProcessIdentity::default()
+                    };
+                    exe = Some(p);
+                    slim
+                }
+                None => return Step::Slow, // the hickory path scans /proc
+            },
+            None => ProcessIdentity::default(),
+        };
+        let req = udp_req(self, host, process);
+        let this = self.clone();
+        let mut fut: BoxFuture<(ConnectionRequest, Verdict)> = Box::pin(async move {
+            let v = this.decide(&req).await;
+            (req, v)
+        });
+        match poll_once(&mut fut) {
+            Poll::Ready((req, v)) => {
+                let (d, mut f) = self.decided(q, src, req, v);
+                if let Some(p) = exe {
+                    f.exe.clone_from(&p.exe);
+                }
+                Step::Decided(d, f)
+            }
+            Poll::Pending => {
+                let this = self.clone();
+                let socket = socket.clone();
+                tokio::spawn(async move {
+                    let (req, v) = fut.await;
+                    this.finish_pending(socket, q, src, req, v, exe).await;
+                });
+                Step::Pending
+            }
+        }
+    }
+
+    fn decided(
+        &self,
+        q: Query,
+        src: SocketAddr,
+        req: ConnectionRequest,
+        v: Verdict,
+    ) -> (Decided, AuditFinding) {
+        let allow = v.outcome.decision.is_allow();
+        let cause = v.cause;
+        // The name is only needed again to serve an allowed answer.
+        let host = if allow {
+            req.host.clone()
+        } else {
+            String::new()
+        };
+        if !allow {
+            self.count(v.outcome.decision, cause, Protocol::Udp);
+        }
+        let finding = self.finding_from(req, v);
+        (
+            Decided {
+                q,
+                src,
+                host,
+                allow,
+                cause,
+            },
+            finding,
+        )
+    }
+
+    /// A query whose decision was not ready at once: audit and answer it
+    /// on its own.
+    async fn finish_pending(
+        self: Arc<Self>,
+        socket: Arc<UdpSocket>,
+        q: Query,
+        src: SocketAddr,
+        req: ConnectionRequest,
+        v: Verdict,
+        exe: Option<Arc<ProcessIdentity>>,
+    ) {
+        let (d, mut f) = self.decided(q, src, req, v);
+        if let Some(p) = exe {
+            f.exe.clone_from(&p.exe);
+        }
+        let async_ok = !d.allow && self.cfg.audit_async_deny;
+        let mut fut: BoxFuture<Result<(), AuditError>> = {
+            let this = self.clone();
+            Box::pin(async move { this.audit.record_batch(vec![f]).await })
+        };
+        let res = match poll_once(&mut fut) {
+            Poll::Ready(r) => r,
+            Poll::Pending if async_ok => {
+                self.spawn_audit_wait(fut, 1);
+                Ok(())
+            }
+            Poll::Pending => fut.await,
+        };
+        self.respond(&socket, vec![d], res.is_ok());
+    }
+
+    /// Wait for a queued write of `n` records in the background, counting
+    /// failures.
+    fn spawn_audit_wait(&self, fut: BoxFuture<Result<(), AuditError>>, n: usize) {
+        let failures = self.metrics.audit_failures.clone();
+        tokio::spawn(async move {
+            if fut.await.is_err() {
+                failures.inc_by(n as u64);
+            }
+        });
+    }
+
+    /// Policy + audit + answers of one receive batch, datagrams given as
+    /// (source, bytes) slices of the receive buffer.
+    fn handle_batch(self: &Arc<Self>, socket: &Arc<UdpSocket>, batch: &[(SocketAddr, &[u8])]) {
+        let mut decided = Vec::with_capacity(batch.len());
+        let mut findings = Vec::with_capacity(batch.len());
+        for &(src, raw) in batch {
+            let q = match wire::parse_query(raw) {
+                Ok(q) => q,
+                Err(ParseError::Drop) => continue,
+                Err(ParseError::Slow) => {
+                    spawn_slow(self.clone(), socket.clone(), raw.to_vec(), src);
+                    continue;
+                }
+            };
+            match self.fast_decide(socket, q, src) {
+                Step::Decided(d, f) => {
+                    decided.push(d);
+                    findings.push(f);
+                }
+                Step::Pending => {}
+                Step::Slow => spawn_slow(self.clone(), socket.clone(), raw.to_vec(), src),
+            }
+        }
+        if decided.is_empty() {
+            return;
+        }
+        let any_allow = decided.iter().any(|d| d.allow);
+        let mut fut: BoxFuture<Result<(), AuditError>> = {
+            let this = self.clone();
+            Box::pin(async move { this.audit.record_batch(findings).await })
+        };
+        match poll_once(&mut fut) {
+            Poll::Ready(res) => self.respond(socket, decided, res.is_ok()),
+            Poll::Pending if !any_allow && self.cfg.audit_async_deny => {
+                // Queued (the spool commits in queue order): answer now.
+                self.spawn_audit_wait(fut, decided.len());
+                self.respond(socket, decided, true);
+            }
+            Poll::Pending => {
+                // Sinkholed answers may leave once queued; allowed answers
+                // wait for the write.
+                let now: Vec<Decided>;
+                let later: Vec<Decided>;
+                if self.cfg.audit_async_deny {
+                    (later, now) = decided.into_iter().partition(|d| d.allow);
+                } else {
+                    (now, later) = (Vec::new(), decided);
+                }
+                let answered = now.len() as u64;
+                if !now.is_empty() {
+                    self.respond(socket, now, true);
+                }
+                let this = self.clone();
+                let socket = socket.clone();
+                tokio::spawn(async move {
+                    let res = fut.await;
+                    if res.is_err() {
+                        // The sinkholed answers already sent count too.
+                        this.metrics.audit_failures.inc_by(answered);
+                    }
+                    this.respond(&socket, later, res.is_ok());
+                });
+            }
+        }
+    }
+
+    /// Build and send the answers of `items` (`audit_ok`: their records
+    /// were written). Allowed names without a usable cached answer are
+    /// served by the hickory code in their own task.
+    fn respond(self: &Arc<Self>, socket: &Arc<UdpSocket>, items: Vec<Decided>, audit_ok: bool) {
+        let mut out: Vec<u8> = Vec::with_capacity(items.len() * 64);
+        let mut spans: Vec<(usize, usize, SocketAddr)> = Vec::with_capacity(items.len());
+        let mut key = Vec::with_capacity(64);
+        let now = Instant::now();
+        for d in items {
+            let start = out.len();
+            if !d.allow {
+                if !audit_ok {
+                    self.metrics.audit_failures.inc();
+                }
+                self.sinkhole_into(&mut out, &d.q);
+                spans.push((start, out.len(), d.src));
+                continue;
+            }
+            if !audit_ok {
+                tracing::warn!(host = %d.host, "audit spool failed: sinkholing");
+                self.metrics.audit_failures.inc();
+                self.count(Decision::Deny, "fail_closed", Protocol::Udp);
+                self.sinkhole_into(&mut out, &d.q);
+                spans.push((start, out.len(), d.src));
+                continue;
+            }
+            self.count(Decision::Allow, d.cause, Protocol::Udp);
+            write_cache_key(&mut key, &d.host, d.q.qtype, d.q.qclass, d.q.dnssec_ok());
+            let served = match self.cache.get(&key, now) {
+                Some(hit) => match &hit.wire {
+                    Some(sections) => {
+                        let ok = wire::cached_response(
+                            &mut out,
+                            &d.q,
+                            hit.response_code.low(),
+                            hit.authentic_data && d.q.ad,
+                            sections,
+                            hit.age_secs(now),
+                            self.cfg.edns_payload,
+                        );
+                        if ok {
+                            self.metrics.cache_hits.inc();
+                        }
+                        ok
+                    }
+                    None => false,
+                },
+                None => false,
+            };
+            if served {
+                spans.push((start, out.len(), d.src));
+            } else {
+                self.spawn_allowed(socket, d);
+            }
+        }
+        send_batch(socket, &out, &spans);
+    }
+
+    fn sinkhole_into(&self, out: &mut Vec<u8>, q: &Query) {
+        wire::sinkhole_response(
+            out,
+            q,
+            self.cfg.sinkhole_answer,
+            self.cfg.sinkhole_ttl,
+            self.cfg.edns_payload,
+        );
+    }
+
+    /// Serve an allowed, audited query with the hickory code (cache miss →
+    /// upstream, or an answer that needs truncation).
+    fn spawn_allowed(self: &Arc<Self>, socket: &Arc<UdpSocket>, d: Decided) {
+        let this = self.clone();
+        let socket = socket.clone();
+        tokio::spawn(async move {
+            let Ok(req) = Request::from_bytes(d.q.to_wire(), d.src, Protocol::Udp) else {
+                return; // cannot happen: to_wire() is a plain query
+            };
+            let limit = req
+                .edns
+                .as_ref()
+                .map_or(512, |e| e.max_payload().clamp(512, 4096));
+            let responder = UdpResponder {
+                socket,
+                dst: d.src,
+                limit,
+            };
+            this.serve_allowed(
+                &req,
+                responder,
+                &d.host,
+                RecordType::from(d.q.qtype),
+                DNSClass::from(d.q.qclass),
+            )
+            .await;
+        });
+    }
+}
+
+/// Send `spans` of `out` with `sendmmsg`; whatever the kernel does not
+/// take at once (full socket buffer) is sent by a task that waits.
+fn send_batch(socket: &Arc<UdpSocket>, out: &[u8], spans: &[(usize, usize, SocketAddr)]) {
+    let mut done = 0;
+    while done < spans.len() {
+        let chunk = &spans[done..spans.len().min(done + BATCH)];
+        let slices: Vec<[IoSlice<'_>; 1]> = chunk
+            .iter()
+            .map(|&(s, e, _)| [IoSlice::new(&out[s..e])])
+            .collect();
+        let addrs: Vec<Option<SockaddrStorage>> = chunk
+            .iter()
+            .map(|&(_, _, dst)| Some(SockaddrStorage::from(dst)))
+            .collect();
+        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(chunk.len(), None);
+        let sent = match sendmmsg(
+            socket.as_raw_fd(),
+            &mut headers,
+            &slices,
+            &addrs,
+            [],
+            MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(r) => r.count(),
+            Err(e) => {
+                tracing::debug!(error = %e, "sendmmsg");
+                0
+            }
+        };
+        if sent == 0 {
+            break;
+        }
+        done += sent;
+    }
+    if done < spans.len() {
+        let rest: Vec<(Vec<u8>, SocketAddr)> = spans[done..]
+            .iter()
+            .map(|&(s, e, dst)| (out[s..e].to_vec(), dst))
+            .collect();
+        let socket = socket.clone();
+        tokio::spawn(async move {
+            for (bytes, dst) in rest {
+                if let Err(e) = socket.send_to(&bytes, dst).await {
+                    tracing::debug!(error = %e, %dst, "udp send");
+                }
+            }
+        });
+    }
+}
+
+fn to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+}
+
+/// Serve UDP on `socket`: `recvmmsg` batches through the fast path.
+pub async fn serve_udp_fast(sinkhole: Arc<DnsSinkhole>, socket: UdpSocket) {
+    let socket = Arc::new(socket);
+    let mut bufs = vec![0u8; BATCH * DGRAM];
+    let mut meta: Vec<(usize, Option<SocketAddr>)> = Vec::with_capacity(BATCH);
+    loop {
+        if let Err(e) = socket.readable().await {
+            tracing::debug!(error = %e, "udp readable");
+            continue;
+        }
+        meta.clear();
+        let res = socket.try_io(Interest::READABLE, || {
+            // Not `Send` (raw pointers): built per call, never held across
+            // an await.
+            let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+            let mut slices: Vec<[IoSliceMut<'_>; 1]> = bufs
+                .chunks_exact_mut(DGRAM)
+                .map(|c| [IoSliceMut::new(c)])
+                .collect();
+            let results = recvmmsg(
+                socket.as_raw_fd(),
+                &mut headers,
+                slices.iter_mut(),
+                MsgFlags::MSG_DONTWAIT,
+                None,
+            )
+            .map_err(std::io::Error::from)?;
+            for r in results {
+                meta.push((r.bytes, r.address.as_ref().and_then(to_std)));
+            }
+            Ok(())
+        });
+        match res {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                tracing::debug!(error = %e, "udp recvmmsg");
+                continue;
+            }
+        }
+        let batch: Vec<(SocketAddr, &[u8])> = meta
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &(n, src))| {
+                let src = src?;
+                // A source we cannot answer: drop.
+                (src.port() != 0).then(|| (src, &bufs[i * DGRAM..i * DGRAM + n.min(DGRAM)]))
+            })
+            .collect();
+        sinkhole.handle_batch(&socket, &batch);
+    }
+}
