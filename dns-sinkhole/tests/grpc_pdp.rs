@@ -170,3 +170,74 @@ async fn decisions_from_grpc_pdp_and_answers_reported_as_context() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The same through the UDP fast path (`--attribution false`: every plain
+/// query takes it): gRPC decisions that are not ready at once continue in
+/// their own task, allowed answers are forwarded and reported as context,
+/// and each query is audited once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_with_grpc_pdp_decisions() {
+    let pdp = FakePdp::default();
+    let pdp_addr = serve(pdp.clone()).await;
+    let up = Upstream::start();
+    let url = format!("http://{pdp_addr}");
+    let upstream = up.addr.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let spool_s = spool.to_str().unwrap().to_string();
+    let mut s = Sinkhole::spawn(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream,
+        "--pdp",
+        &url,
+        "--workload",
+        "agent-9",
+        "--pdp-timeout-ms",
+        "2000",
+        "--attribution",
+        "false",
+        "--spool-dir",
+        &spool_s,
+    ]);
+    let addr = s.addr;
+    let run = |name: &'static str| tokio::task::spawn_blocking(move || dig(addr, name, "A", &[]));
+    let mut expect = Vec::new();
+    for (name, status) in [
+        ("ok.test", "NOERROR"),
+        ("evil.test", "NXDOMAIN"),
+        ("www.OK.test", "NOERROR"),
+        ("ask.test", "NXDOMAIN"),
+        ("ok.test", "NOERROR"),
+    ] {
+        let d = run(name).await.unwrap();
+        assert_eq!(d.status, status, "{name}: {}", d.stdout);
+        if status == "NOERROR" {
+            assert_eq!(d.answers, vec!["192.0.2.1"], "{name}: {}", d.stdout);
+        }
+        expect.push(name.to_ascii_lowercase());
+    }
+    // ok.test the second time came from the answer cache.
+    assert_eq!(up.total(), 2, "{:?}", up.names.lock().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pdp.answers.lock().unwrap().len() < 2 {
+        assert!(Instant::now() < deadline, "no DnsAnswer reported");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = s.child.kill();
+    let _ = s.child.wait();
+    let sp = secureops_pep::AuditSpool::open(&spool, secureops_pep::SpoolLimits::default())
+        .expect("open spool");
+    let recs: Vec<_> = sp
+        .unacked_after(0, 100)
+        .into_iter()
+        .map(|r| r.finding.unwrap())
+        .collect();
+    let hosts: Vec<&str> = recs.iter().map(|f| f.host.as_str()).collect();
+    assert_eq!(hosts, expect, "one record per query, in order");
+    assert_eq!(recs[0].reason, "rule:ok");
+    assert_eq!(recs[0].policy_version, 7);
+    assert_eq!(recs[1].reason, "default_deny");
+    assert_eq!(recs[3].decision, Verdict::Escalate as i32);
+}
