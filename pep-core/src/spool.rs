@@ -11,11 +11,16 @@
 //! full, disk error, failed sync) the PEP must deny with
 //! `fail_closed:audit_spool`: an attempt we cannot audit does not happen.
 //!
-//! Why the write is done inline, on the caller's thread: a `write(2)` of a
-//! few hundred bytes into the page cache costs ~2 µs, while handing the
-//! record to a writer thread and waking the caller back cost two context
-//! switches per connection, and a per-connection `fdatasync` was the single
-//! biggest cost of a proxied tunnel (`pep-proxy/BENCH_NOTES.md`).
+//! Threads: callers encode their record (the expensive part) and queue it;
+//! the `audit-spool` writer thread gives it its `source_seq` and writes
+//! everything queued with one `write(2)`, then completes the callers. The
+//! write is kept off the tokio workers on purpose: an append that lands
+//! while `fdatasync` runs on the same file can block for a millisecond
+//! (measured: `perf trace` on the proxy), and on an event loop that would
+//! stall every tunnel, not just the new connection. The
+//! `audit-spool-sync` thread owns every `fdatasync`; a per-connection
+//! `fdatasync` was the single biggest cost of a proxied tunnel
+//! (`pep-proxy/BENCH_NOTES.md`).
 //!
 //! Layout of the spool directory:
 //!
@@ -31,9 +36,9 @@
 //! `source_seq` is monotonic across restarts: on open the next seq is one
 //! past the maximum of the watermark and the last record on disk.
 //!
-//! One `append` lock serialises writers (seq assignment + the write); the
-//! `audit-spool-sync` thread owns every `fdatasync` and publishes the
-//! highest synced seq. A failed `fdatasync` poisons the spool (the kernel
+//! One `append` lock serialises writers (seq assignment + the write; the
+//! writer thread and [`AuditSpool::append_batch`] callers); the
+//! `audit-spool-sync` thread publishes the highest synced seq. A failed `fdatasync` poisons the spool (the kernel
 //! may already have dropped the dirty pages), so every later record is
 //! refused and the PEP denies.
 //!
@@ -56,7 +61,7 @@ use parking_lot::{Condvar, Mutex};
 use prometheus_client::metrics::counter::Counter;
 use prost::Message;
 use secureops_proto::v1::{AuditFinding, AuditRecord};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::PepMetrics;
 
@@ -246,10 +251,51 @@ impl Drop for HandleGuard {
     }
 }
 
-/// Handle to the spool. Cheap to clone; the sync thread stops when the
-/// last handle is dropped.
+/// Most queued records one writer-thread `write(2)` takes.
+const WRITER_BATCH: usize = 1024;
+
+/// A record queued for the writer thread: the encoded `AuditRecord`
+/// without its `source_seq` ([`encode_body`]).
+struct Request {
+    body: Vec<u8>,
+    reply: oneshot::Sender<Result<u64, SpoolError>>,
+}
+
+/// `AuditRecord` minus `source_seq` (and minus `source_id`, which the
+/// shipper stamps): fields 3 and 4, encoded on the caller's thread.
+fn encode_body(finding: AuditFinding, trace_parent: String) -> Vec<u8> {
+    AuditRecord {
+        source_id: String::new(),
+        source_seq: 0, // proto3 default: not encoded; the writer prepends it
+        finding: Some(finding),
+        trace_parent,
+    }
+    .encode_to_vec()
+}
+
+impl SpoolError {
+    /// The same error for another caller of the batch (io::Error is not
+    /// `Clone`).
+    fn duplicate(&self) -> SpoolError {
+        match self {
+            SpoolError::Full { records, bytes } => SpoolError::Full {
+                records: *records,
+                bytes: *bytes,
+            },
+            SpoolError::Io(e) => SpoolError::Io(io::Error::new(e.kind(), e.to_string())),
+            SpoolError::Poisoned => SpoolError::Poisoned,
+            SpoolError::Closed => SpoolError::Closed,
+            SpoolError::TooLarge(n) => SpoolError::TooLarge(*n),
+            SpoolError::Locked(d) => SpoolError::Locked(d.clone()),
+        }
+    }
+}
+
+/// Handle to the spool. Cheap to clone; the writer and sync threads stop
+/// when the last handle is dropped.
 #[derive(Clone)]
 pub struct AuditSpool {
+    tx: mpsc::UnboundedSender<Request>,
     shared: Arc<Shared>,
     _guard: Arc<HandleGuard>,
 }
@@ -475,7 +521,13 @@ impl AuditSpool {
         std::thread::Builder::new()
             .name("audit-spool-sync".into())
             .spawn(move || syncer.sync_loop())?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = shared.clone();
+        std::thread::Builder::new()
+            .name("audit-spool".into())
+            .spawn(move || writer.writer_loop(rx))?;
         Ok(AuditSpool {
+            tx,
             _guard: Arc::new(HandleGuard(shared.clone())),
             shared,
         })
@@ -501,22 +553,30 @@ impl AuditSpool {
             }
             None => String::new(),
         };
-        let seq = *self
-            .shared
-            .append(std::iter::once((finding, trace_parent)))?
-            .end();
+        let body = encode_body(finding, trace_parent);
+        if body.len() + FRAME_HEADER > MAX_FRAME {
+            self.shared.error.inc();
+            return Err(SpoolError::TooLarge(body.len()));
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request { body, reply })
+            .map_err(|_| SpoolError::Closed)?;
+        let seq = rx.await.map_err(|_| SpoolError::Closed)??;
         if self.shared.limits.sync == SpoolSync::Always {
             self.wait_synced(seq).await?;
         }
         Ok(seq)
     }
 
-    /// Append every finding with one `write(2)` (all or none) and return
-    /// their seqs. Never waits for a sync: with [`SpoolSync::Always`] the
+    /// Append every finding with one `write(2)` on the caller's thread (all
+    /// or none) and return their seqs. For PEPs that decide in batches on a
+    /// thread of their own (the DNS sinkhole's `recvmmsg` loop); async
+    /// callers use [`AuditSpool::record`], which keeps the write off the
+    /// event loop. Never waits for a sync: with [`SpoolSync::Always`] the
     /// caller awaits [`AuditSpool::wait_synced`] on the last seq before it
-    /// forwards anything. For PEPs that decide in batches (the DNS
-    /// sinkhole's `recvmmsg` loop). An empty batch is refused as
-    /// `TooLarge(0)`: it has no seq range.
+    /// forwards anything. An empty batch is refused as `TooLarge(0)`: it
+    /// has no seq range.
     pub fn append_batch(
         &self,
         findings: Vec<AuditFinding>,
@@ -524,8 +584,11 @@ impl AuditSpool {
         if findings.is_empty() {
             return Err(SpoolError::TooLarge(0));
         }
-        self.shared
-            .append(findings.into_iter().map(|f| (f, String::new())))
+        let bodies: Vec<Vec<u8>> = findings
+            .into_iter()
+            .map(|f| encode_body(f, String::new()))
+            .collect();
+        self.shared.append(bodies.iter().map(Vec::as_slice))
     }
 
     /// Wait until every record ≤ `seq` is on stable storage.
@@ -689,13 +752,13 @@ impl Shared {
     }
 
     /// Frame, bound-check and write a batch (all or none), under the append
-    /// lock. Returns the seq range.
-    fn append(
+    /// lock. `bodies` are [`encode_body`] outputs. Returns the seq range.
+    fn append<'a>(
         &self,
-        items: impl Iterator<Item = (AuditFinding, String)>,
+        bodies: impl Iterator<Item = &'a [u8]>,
     ) -> Result<RangeInclusive<u64>, SpoolError> {
         let mut ap = self.appender.lock();
-        let res = self.append_locked(&mut ap, items);
+        let res = self.append_locked(&mut ap, bodies);
         match &res {
             Ok(r) => self.ok.inc_by(r.end() - r.start() + 1),
             Err(SpoolError::Full { .. }) => self.full.inc(),
@@ -704,10 +767,10 @@ impl Shared {
         res
     }
 
-    fn append_locked(
+    fn append_locked<'a>(
         &self,
         ap: &mut Appender,
-        items: impl Iterator<Item = (AuditFinding, String)>,
+        bodies: impl Iterator<Item = &'a [u8]>,
     ) -> Result<RangeInclusive<u64>, SpoolError> {
         if ap.poisoned || self.synced.borrow().failed {
             return Err(SpoolError::Poisoned);
@@ -717,17 +780,17 @@ impl Shared {
         buf.clear();
         // (seq, start of payload, end of payload) in `buf`.
         let mut frames: Vec<(u64, usize, usize)> = Vec::new();
-        for (finding, trace_parent) in items {
-            let rec = AuditRecord {
-                source_id: String::new(),
-                source_seq: first_seq + frames.len() as u64,
-                finding: Some(finding),
-                trace_parent,
-            };
+        for body in bodies {
+            let seq = first_seq + frames.len() as u64;
             let at = buf.len();
             buf.extend_from_slice(&[0u8; FRAME_HEADER]);
-            // Encoding into a Vec cannot fail (it grows).
-            let _ = rec.encode(&mut buf);
+            // `source_seq` (field 2) goes in front of the body: protobuf
+            // fields may come in any order, so this is the same
+            // `AuditRecord` prost would encode, without re-encoding the
+            // finding here.
+            prost::encoding::encode_key(2, prost::encoding::WireType::Varint, &mut buf);
+            prost::encoding::encode_varint(seq, &mut buf);
+            buf.extend_from_slice(body);
             let len = buf.len() - at - FRAME_HEADER;
             if len > MAX_FRAME {
                 ap.buf = buf;
@@ -736,7 +799,7 @@ impl Shared {
             let crc = crc32fast::hash(&buf[at + FRAME_HEADER..]);
             buf[at..at + 4].copy_from_slice(&(len as u32).to_le_bytes());
             buf[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
-            frames.push((rec.source_seq, at + FRAME_HEADER, buf.len()));
+            frames.push((seq, at + FRAME_HEADER, buf.len()));
         }
         let Some(&(last_seq, _, _)) = frames.last() else {
             ap.buf = buf;
@@ -781,6 +844,65 @@ impl Shared {
             }
         }
         Ok(first_seq..=last_seq)
+    }
+
+    /// The `audit-spool` writer thread: takes every queued [`AuditSpool::record`]
+    /// request, writes them with one `write(2)` and completes each caller.
+    /// Records that no longer fit are refused one by one (`Full`), the rest
+    /// still go in.
+    fn writer_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Request>) {
+        let mut batch: Vec<Request> = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            batch.push(first);
+            while batch.len() < WRITER_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            // How many fit (frames are body + header + at most 11 seq bytes).
+            let fit = {
+                let st = self.state.lock();
+                let room = self
+                    .limits
+                    .max_records
+                    .saturating_sub(st.unacked.len() as u64);
+                let mut bytes = st.disk_bytes;
+                batch
+                    .iter()
+                    .take(usize::try_from(room).unwrap_or(usize::MAX))
+                    .take_while(|r| {
+                        bytes += (r.body.len() + FRAME_HEADER + 11) as u64;
+                        bytes <= self.limits.max_bytes
+                    })
+                    .count()
+            };
+            let refused = batch.split_off(fit);
+            if !refused.is_empty() {
+                let (records, bytes) = {
+                    let st = self.state.lock();
+                    (st.unacked.len() as u64, st.disk_bytes)
+                };
+                self.full.inc_by(refused.len() as u64);
+                for r in refused {
+                    let _ = r.reply.send(Err(SpoolError::Full { records, bytes }));
+                }
+            }
+            if !batch.is_empty() {
+                match self.append(batch.iter().map(|r| r.body.as_slice())) {
+                    Ok(range) => {
+                        for (r, seq) in batch.drain(..).zip(range) {
+                            let _ = r.reply.send(Ok(seq));
+                        }
+                    }
+                    Err(e) => {
+                        for r in batch.drain(..) {
+                            let _ = r.reply.send(Err(e.duplicate()));
+                        }
+                    }
+                }
+            }
+        }
     }
 
     fn write(
