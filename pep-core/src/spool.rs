@@ -604,6 +604,17 @@ impl AuditSpool {
         Ok(())
     }
 
+    /// Whether a record would be taken right now: not poisoned, below both
+    /// limits. A hint for refusing early; `record` remains the authority.
+    pub fn accepting(&self) -> bool {
+        if self.shared.appender.lock().poisoned || self.shared.synced.borrow().failed {
+            return false;
+        }
+        let st = self.shared.state.lock();
+        (st.unacked.len() as u64) < self.shared.limits.max_records
+            && st.disk_bytes < self.shared.limits.max_bytes
+    }
+
     /// The durability policy this spool was opened with.
     pub fn sync_policy(&self) -> SpoolSync {
         self.shared.limits.sync

@@ -34,6 +34,14 @@ pub type AuditFuture<'a> = Pin<Box<dyn Future<Output = Result<u64, AuditError>> 
 pub trait AuditSink: Send + Sync {
     /// Record one finding; returns its sequence number in this sink.
     fn record<'a>(&'a self, finding: &'a AuditFinding) -> AuditFuture<'a>;
+
+    /// Best-effort "would a record be taken right now" (not full, not
+    /// broken). Lets the proxy refuse a CONNECT with a `403` before it
+    /// answers `200 Connection established`, instead of an RST after it.
+    /// `record` stays the authority: `true` here does not promise success.
+    fn accepting(&self) -> bool {
+        true
+    }
 }
 
 /// pep-core's durable spool (shipped to the audit service by its
@@ -48,6 +56,10 @@ impl AuditSink for SpoolAuditSink {
                 .await
                 .map_err(|e| AuditError::Unavailable(e.to_string()))
         })
+    }
+
+    fn accepting(&self) -> bool {
+        self.0.accepting()
     }
 }
 
@@ -132,6 +144,10 @@ impl AuditSink for TeeAuditSink {
             first.ok_or_else(|| AuditError::Unavailable("no sink configured".into()))
         })
     }
+
+    fn accepting(&self) -> bool {
+        !self.0.is_empty() && self.0.iter().all(|s| s.accepting())
+    }
 }
 
 /// A sink that always fails: `--audit-log` pointing to an unwritable place
@@ -144,6 +160,10 @@ impl AuditSink for BrokenAuditSink {
         Box::pin(std::future::ready(Err(AuditError::Unavailable(
             self.0.clone(),
         ))))
+    }
+
+    fn accepting(&self) -> bool {
+        false
     }
 }
 

@@ -791,6 +791,18 @@ async fn handle_connect(
         send_refusal(stream, refusal(403, &v.outcome, &v.req.request_id)).await;
         return Ok(());
     };
+    // The record is written after the peek (it carries the SNI); refuse
+    // now, with a proper 403, if the spool is known not to take it.
+    if !proxy.audit.accepting() {
+        let mut v = Verdict {
+            req,
+            outcome: PdpOutcome::fail_closed("audit_spool"),
+            detail: "audit spool not accepting records".into(),
+        };
+        proxy.record("explicit", &mut v, None).await;
+        send_refusal(stream, refusal(403, &v.outcome, &v.req.request_id)).await;
+        return Ok(());
+    }
     tunnel::write_all(&stream, b"HTTP/1.1 200 Connection established\r\n\r\n").await?;
     // Peek the client's first bytes before any upstream contact.
     let end = peek_window(

@@ -58,6 +58,13 @@ struct Args {
     /// is written before the dial; a background fdatasync follows within n ms).
     #[arg(long, env = "SECUREOPS_SPOOL_SYNC", default_value_t = SpoolSync::default())]
     spool_sync: SpoolSync,
+    /// Unacknowledged records the spool holds before it refuses new ones
+    /// (then every attempt is denied with `fail_closed:audit_spool`).
+    #[arg(long, env = "SECUREOPS_SPOOL_MAX_RECORDS", default_value_t = 1_000_000)]
+    spool_max_records: u64,
+    /// Bytes of spool segments on disk before the spool refuses new records.
+    #[arg(long, env = "SECUREOPS_SPOOL_MAX_BYTES", default_value_t = 256 << 20)]
+    spool_max_bytes: u64,
     /// Also append every audit record as one JSON line to this file.
     #[arg(long, env = "SECUREOPS_AUDIT_LOG")]
     audit_log: Option<PathBuf>,
@@ -312,6 +319,8 @@ fn build_audit(
         (Some(dir), audit) => {
             let limits = SpoolLimits {
                 sync: args.spool_sync,
+                max_records: args.spool_max_records,
+                max_bytes: args.spool_max_bytes,
                 ..SpoolLimits::default()
             };
             let spool = AuditSpool::open_with_metrics(dir, limits, pep_metrics.clone())

@@ -439,6 +439,44 @@ fn bad_input_is_denied_once_and_never_tunnels() {
 }
 
 #[test]
+fn full_spool_refuses_connect_with_403_before_the_200() {
+    let up = CountingUpstream::start("127.0.0.1:0");
+    let spool = tempfile::tempdir().unwrap();
+    // Nothing acks (no --audit): the spool is full after one record.
+    let proxy = Proxy::spawn(&[
+        "--allow",
+        "allowed.test",
+        "--resolve",
+        "allowed.test=127.0.0.1",
+        "--spool-dir",
+        spool.path().to_str().unwrap(),
+        "--spool-max-records",
+        "1",
+    ]);
+    let port = up.addr.port();
+    let (mut s, head) = connect_via(proxy.addr, &format!("allowed.test:{port}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s.write_all(&build_client_hello(Some("allowed.test"), false, 1))
+        .unwrap();
+    let t = Instant::now();
+    while up.conns() < 1 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(up.conns(), 1, "the first, allowed tunnel was dialled");
+    drop(s);
+    // Second attempt: refused up front, with the reason, not 200-then-RST.
+    let (_s, head) = connect_via(proxy.addr, &format!("allowed.test:{port}"));
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("reason=fail_closed:audit_spool"),
+        "{head}"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(up.conns(), 1, "the refused attempt must not be dialled");
+}
+
+#[test]
 fn unwritable_audit_sink_denies_everything() {
     let up = CountingUpstream::start("127.0.0.1:0");
     // /dev/full opens fine and fails every write with ENOSPC.
