@@ -47,7 +47,7 @@ use tokio::net::UdpSocket;
 use crate::audit::AuditError;
 use crate::cache::write_cache_key;
 use crate::server::{UdpResponder, spawn_slow};
-use crate::sinkhole::{DnsSinkhole, Verdict};
+use crate::sinkhole::{DnsSinkhole, Verdict, now_nanos};
 use crate::wire::{self, ParseError, Query};
 
 /// Datagrams per `recvmmsg` / `sendmmsg`.
@@ -98,7 +98,13 @@ fn udp_req(sink: &DnsSinkhole, host: String, process: ProcessIdentity) -> Connec
 
 impl DnsSinkhole {
     /// Policy step of one plain query (see the module documentation).
-    fn fast_decide(self: &Arc<Self>, socket: &Arc<UdpSocket>, q: Query, src: SocketAddr) -> Step {
+    fn fast_decide(
+        self: &Arc<Self>,
+        socket: &Arc<UdpSocket>,
+        q: Query,
+        src: SocketAddr,
+        ts: i64,
+    ) -> Step {
         let mut host = String::with_capacity(q.qname().len());
         if !q.normalized_name(&mut host) {
             return Step::Slow;
@@ -122,6 +128,27 @@ impl DnsSinkhole {
             None => ProcessIdentity::default(),
         };
         let req = udp_req(self, host, process);
+        if !self.cfg.pdp_uses_process {
+            // The standalone AllowlistPdp answers at once: decide on the
+            // stack, no boxed future.
+            let ready = {
+                let waker = futures::task::noop_waker();
+                let mut cx = Context::from_waker(&waker);
+                // (Ready at once, so no deadline timer is needed.)
+                let mut fut = self.pdp.decide(&req);
+                fut.as_mut().poll(&mut cx)
+            };
+            if let Poll::Ready(outcome) = ready {
+                let v = self.verdict(&req, outcome);
+                let (d, mut f) = self.decided(q, src, req, v, ts);
+                if let Some(p) = exe {
+                    f.exe.clone_from(&p.exe);
+                }
+                return Step::Decided(d, f);
+            }
+            // Not ready after all (a PDP wrapper that waits): decide again
+            // in a task of its own, below.
+        }
         let this = self.clone();
         let mut fut: BoxFuture<(ConnectionRequest, Verdict)> = Box::pin(async move {
             let v = this.decide(&req).await;
@@ -129,7 +156,7 @@ impl DnsSinkhole {
         });
         match poll_once(&mut fut) {
             Poll::Ready((req, v)) => {
-                let (d, mut f) = self.decided(q, src, req, v);
+                let (d, mut f) = self.decided(q, src, req, v, ts);
                 if let Some(p) = exe {
                     f.exe.clone_from(&p.exe);
                 }
@@ -153,6 +180,7 @@ impl DnsSinkhole {
         src: SocketAddr,
         req: ConnectionRequest,
         v: Verdict,
+        ts: i64,
     ) -> (Decided, AuditFinding) {
         let allow = v.outcome.decision.is_allow();
         let cause = v.cause;
@@ -165,7 +193,7 @@ impl DnsSinkhole {
         if !allow {
             self.count(v.outcome.decision, cause, Protocol::Udp);
         }
-        let finding = self.finding_from(req, v);
+        let finding = self.finding_from(req, v, ts);
         (
             Decided {
                 q,
@@ -189,7 +217,7 @@ impl DnsSinkhole {
         v: Verdict,
         exe: Option<Arc<ProcessIdentity>>,
     ) {
-        let (d, mut f) = self.decided(q, src, req, v);
+        let (d, mut f) = self.decided(q, src, req, v, now_nanos());
         if let Some(p) = exe {
             f.exe.clone_from(&p.exe);
         }
@@ -225,6 +253,8 @@ impl DnsSinkhole {
     fn handle_batch(self: &Arc<Self>, socket: &Arc<UdpSocket>, batch: &[(SocketAddr, &[u8])]) {
         let mut decided = Vec::with_capacity(batch.len());
         let mut findings = Vec::with_capacity(batch.len());
+        // One receive time for the batch (it arrived with one recvmmsg).
+        let ts = now_nanos();
         for &(src, raw) in batch {
             let q = match wire::parse_query(raw) {
                 Ok(q) => q,
@@ -234,7 +264,7 @@ impl DnsSinkhole {
                     continue;
                 }
             };
-            match self.fast_decide(socket, q, src) {
+            match self.fast_decide(socket, q, src, ts) {
                 Step::Decided(d, f) => {
                     decided.push(d);
                     findings.push(f);

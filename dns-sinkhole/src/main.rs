@@ -63,8 +63,10 @@ struct Args {
     /// written before the answer; a background fdatasync follows within n ms).
     #[arg(long, env = "SECUREOPS_SPOOL_SYNC", default_value_t = SpoolSync::default())]
     spool_sync: SpoolSync,
-    /// Answer sinkholed queries once their audit record is queued, without
-    /// waiting for the spool's fdatasync (allowed queries always wait).
+    /// With `--spool-sync always`: answer sinkholed queries once their audit
+    /// record is written, without waiting for its fdatasync (allowed answers
+    /// always wait for it). With interval sync no answer waits for an
+    /// fdatasync anyway; every record is written before its answer leaves.
     #[arg(long, env = "SECUREOPS_AUDIT_ASYNC_DENY")]
     audit_async_deny: bool,
     /// Workload this sinkhole enforces for.

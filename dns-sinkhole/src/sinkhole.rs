@@ -115,7 +115,12 @@ pub struct DnsSinkhole {
     pub(crate) attributor: Option<Arc<ClientAttribution>>,
     pub(crate) metrics: DnsMetrics,
     seq: AtomicU64,
+    /// `dns-<boot time, hex>-`: prefix of every request id.
     boot: String,
+    /// Counters of the two common UDP outcomes, resolved once (the label
+    /// lookup of `count` is measurable at fast-path rates).
+    udp_allow_policy: prometheus_client::metrics::counter::Counter,
+    udp_deny_policy: prometheus_client::metrics::counter::Counter,
 }
 
 /// Everything needed to build a [`DnsSinkhole`].
@@ -138,7 +143,7 @@ pub(crate) struct Verdict {
     pub(crate) detail: &'static str,
 }
 
-fn now_nanos() -> i64 {
+pub(crate) fn now_nanos() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
@@ -175,7 +180,21 @@ fn answer_ips(records: &[Record]) -> (Vec<IpAddr>, u32) {
 
 impl DnsSinkhole {
     pub fn new(p: SinkholeParts) -> Self {
+        let udp = |decision: Decision| {
+            p.metrics
+                .queries
+                .get_or_create(&QueryLabels {
+                    decision: decision.as_str(),
+                    cause: "policy",
+                    transport: "udp",
+                })
+                .clone()
+        };
+        let udp_allow_policy = udp(Decision::Allow);
+        let udp_deny_policy = udp(Decision::Deny);
         DnsSinkhole {
+            udp_allow_policy,
+            udp_deny_policy,
             cfg: p.cfg,
             pdp: p.pdp,
             forwarder: p.forwarder,
@@ -186,7 +205,7 @@ impl DnsSinkhole {
             attributor: p.attributor,
             metrics: p.metrics,
             seq: AtomicU64::new(0),
-            boot: format!("{:x}", now_nanos()),
+            boot: format!("dns-{:x}-", now_nanos()),
         }
     }
 
@@ -197,19 +216,25 @@ impl DnsSinkhole {
     pub(crate) fn request_id(&self) -> String {
         use std::fmt::Write;
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let mut id = String::with_capacity(self.boot.len() + 26);
-        let _ = write!(id, "dns-{}-{n}", self.boot);
+        let mut id = String::with_capacity(self.boot.len() + 20);
+        id.push_str(&self.boot);
+        let _ = write!(id, "{n}");
         id
     }
 
     /// Policy: PDP (bounded), fail mode, then the exfiltration budget.
     pub(crate) async fn decide(&self, req: &ConnectionRequest) -> Verdict {
-        let outcome =
-            match tokio::time::timeout(self.cfg.pdp_timeout, self.pdp.decide(req)).await {
-                Ok(o) => o,
-                Err(_) => PdpOutcome::fail_closed("pdp_timeout"),
-            }
-            .apply_fail_mode(self.cfg.fail_mode);
+        let outcome = match tokio::time::timeout(self.cfg.pdp_timeout, self.pdp.decide(req)).await {
+            Ok(o) => o,
+            Err(_) => PdpOutcome::fail_closed("pdp_timeout"),
+        };
+        self.verdict(req, outcome)
+    }
+
+    /// The rest of [`Self::decide`] once the PDP answered: fail mode, then
+    /// the exfiltration budget.
+    pub(crate) fn verdict(&self, req: &ConnectionRequest, outcome: PdpOutcome) -> Verdict {
+        let outcome = outcome.apply_fail_mode(self.cfg.fail_mode);
         if !outcome.decision.is_allow() {
             let cause = if outcome.fail_closed_cause.is_some() {
                 "fail_closed"
@@ -273,10 +298,10 @@ impl DnsSinkhole {
 
     /// [`Self::finding`] consuming the request and verdict (moves the
     /// strings instead of cloning them: the UDP fast path's hot path).
-    pub(crate) fn finding_from(&self, req: ConnectionRequest, v: Verdict) -> AuditFinding {
+    pub(crate) fn finding_from(&self, req: ConnectionRequest, v: Verdict, ts: i64) -> AuditFinding {
         let o = v.outcome;
         AuditFinding {
-            timestamp_unix_nanos: now_nanos(),
+            timestamp_unix_nanos: ts,
             pep_kind: "dns".into(),
             pep_id: self.cfg.pep_id.clone(),
             workload_id: req.workload_id,
@@ -304,6 +329,19 @@ impl DnsSinkhole {
     }
 
     pub(crate) fn count(&self, decision: Decision, cause: &'static str, protocol: Protocol) {
+        if protocol != Protocol::Tcp && cause == "policy" {
+            match decision {
+                Decision::Allow => {
+                    self.udp_allow_policy.inc();
+                    return;
+                }
+                Decision::Deny => {
+                    self.udp_deny_policy.inc();
+                    return;
+                }
+                Decision::Escalate => {}
+            }
+        }
         self.metrics
             .queries
             .get_or_create(&QueryLabels {
