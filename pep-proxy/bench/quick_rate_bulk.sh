@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Quiet-machine repeat of the side-by-side: rate + bulk only, direct / squid / secureops-proxy,
-# RUNS=3 (needs ../shared/bench set up: /tmp/peerbench). Results table printed at the end.
+# Quiet-machine repeat of the side-by-side: rate + latency + bulk, direct / squid /
+# secureops-proxy (default spool policy, then SYNC_ALWAYS=1 adds a rate-only run with
+# --spool-sync always), RUNS=3 (needs ../shared/bench set up: /tmp/peerbench).
+# Results table printed at the end.
 set -u
 B=/tmp/peerbench; S=$B/scripts; ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=/tmp/sops-quick-results; rm -rf "$OUT"; mkdir -p "$OUT"
@@ -12,7 +14,7 @@ SPOOL=/tmp/sops-proxy-bench-spool
 ALLOW=$(awk 'NF { if (substr($1,1,1)==".") { d=substr($1,2); printf "%s,*.%s,", d, d } else printf "%s,", $1 }' "$B/conf/allowlist.txt" | sed 's/,$//')
 RESOLVE=$(awk '$1 ~ /^127\./ { for (i=2;i<=NF;i++) printf "%s=%s,", $i, $1 }' "$B/conf/hosts" | sed 's/,$//')
 PA=127.0.0.12:3128
-PX=(--runs 3 --duration 5 --out "$OUT" --tests rate,bulk)
+PX=(--runs "${RUNS:-3}" --duration 5 --out "$OUT" --tests rate,latency,bulk)
 python3 "$S/bench_proxy.py" --direct --name direct "${PX[@]}"
 "$S/peers.sh" start squid && sleep 1 && python3 "$S/bench_proxy.py" --proxy 127.0.0.10:3128 --name squid "${PX[@]}"
 "$S/peers.sh" stop squid
@@ -22,4 +24,14 @@ P=$!
 sleep 1
 python3 "$S/bench_proxy.py" --proxy $PA --name project-proxy "${PX[@]}"
 kill $P
-python3 "$S/make_table.py" --dir "$OUT" --proxies direct,squid,project-proxy
+PROXIES=direct,squid,project-proxy
+if [ -n "${SYNC_ALWAYS:-}" ]; then
+  sleep 1; rm -rf "$SPOOL"
+  SECUREOPS_ALLOW=$ALLOW SECUREOPS_RESOLVE=$RESOLVE RUST_LOG=warn setsid taskset -c 1 "$BIN" --listen $PA --dns-server none --spool-dir "$SPOOL" --spool-sync always --no-attribution >/tmp/sops-quick-proxy.log 2>&1 </dev/null &
+  P=$!
+  sleep 1
+  python3 "$S/bench_proxy.py" --proxy $PA --name project-proxy-sync-always --runs "${RUNS:-3}" --duration 5 --out "$OUT" --tests rate,latency
+  kill $P
+  PROXIES=$PROXIES,project-proxy-sync-always
+fi
+python3 "$S/make_table.py" --dir "$OUT" --proxies $PROXIES
