@@ -517,27 +517,51 @@ fn unwritable_audit_sink_denies_everything() {
 
 #[test]
 fn spool_dir_receives_the_record_before_the_tunnel() {
-    let up = CountingUpstream::start("127.0.0.1:0");
-    let spool = tempfile::tempdir().unwrap();
-    let proxy = Proxy::spawn(&[
-        "--allow",
-        "allowed.test",
-        "--resolve",
-        "allowed.test=127.0.0.1",
-        "--spool-dir",
-        spool.path().to_str().unwrap(),
-    ]);
-    let (_s, head) = connect_via(proxy.addr, &format!("allowed.test:{}", up.addr.port()));
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let recs = proxy.settled_audit(1);
-    assert_eq!(recs[0]["decision"], "allow");
-    let seg_bytes: u64 = std::fs::read_dir(spool.path())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("seg-"))
-        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
-        .sum();
-    assert!(seg_bytes > 0, "nothing spooled");
+    // Both durability policies: written before the dial either way;
+    // `always` also waits for the fdatasync.
+    for policy in ["interval:5ms", "always"] {
+        let up = CountingUpstream::start("127.0.0.1:0");
+        let spool = tempfile::tempdir().unwrap();
+        let proxy = Proxy::spawn(&[
+            "--allow",
+            "allowed.test",
+            "--resolve",
+            "allowed.test=127.0.0.1",
+            "--spool-dir",
+            spool.path().to_str().unwrap(),
+            "--spool-sync",
+            policy,
+        ]);
+        let (_s, head) = connect_via(proxy.addr, &format!("allowed.test:{}", up.addr.port()));
+        assert!(head.starts_with("HTTP/1.1 200"), "{policy}: {head}");
+        let recs = proxy.settled_audit(1);
+        assert_eq!(recs[0]["decision"], "allow");
+        let seg_bytes: u64 = std::fs::read_dir(spool.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("seg-"))
+            .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+            .sum();
+        assert!(seg_bytes > 0, "{policy}: nothing spooled");
+    }
+    // A bad policy is a start-up error that names the flag, not a default.
+    let out = std::process::Command::new(BIN)
+        .args([
+            "--allow",
+            "a.test",
+            "--spool-dir",
+            "/tmp/x",
+            "--spool-sync",
+            "never",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--spool-sync") && err.contains("always"),
+        "{err}"
+    );
 }
 
 #[test]
