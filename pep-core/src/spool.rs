@@ -257,8 +257,9 @@ const WRITER_BATCH: usize = 1024;
 /// A record queued for the writer thread: the encoded `AuditRecord`
 /// without its `source_seq` ([`encode_body`]).
 struct Request {
-    body: Vec<u8>,
-    reply: oneshot::Sender<Result<u64, SpoolError>>,
+    /// One or more records, appended all or none.
+    bodies: Vec<Vec<u8>>,
+    reply: oneshot::Sender<Result<RangeInclusive<u64>, SpoolError>>,
 }
 
 /// `AuditRecord` minus `source_seq` (and minus `source_id`, which the
@@ -558,22 +559,52 @@ impl AuditSpool {
             self.shared.error.inc();
             return Err(SpoolError::TooLarge(body.len()));
         }
+        let range = self.submit(vec![body]).await?;
+        Ok(*range.end())
+    }
+
+    /// Append every finding (all or none) on the writer thread, without
+    /// blocking the caller's thread, and return their seqs once written
+    /// (and, with [`SpoolSync::Always`], synced). For batching PEPs that
+    /// run on an async runtime (the DNS sinkhole's `recvmmsg` loop); the
+    /// batch shares one `write(2)` with whatever else is queued.
+    pub async fn record_batch(
+        &self,
+        findings: Vec<AuditFinding>,
+    ) -> Result<RangeInclusive<u64>, SpoolError> {
+        if findings.is_empty() {
+            return Err(SpoolError::TooLarge(0));
+        }
+        let mut bodies = Vec::with_capacity(findings.len());
+        for f in findings {
+            let body = encode_body(f, String::new());
+            if body.len() + FRAME_HEADER > MAX_FRAME {
+                self.shared.error.inc();
+                return Err(SpoolError::TooLarge(body.len()));
+            }
+            bodies.push(body);
+        }
+        self.submit(bodies).await
+    }
+
+    async fn submit(&self, bodies: Vec<Vec<u8>>) -> Result<RangeInclusive<u64>, SpoolError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Request { body, reply })
+            .send(Request { bodies, reply })
             .map_err(|_| SpoolError::Closed)?;
-        let seq = rx.await.map_err(|_| SpoolError::Closed)??;
+        let range = rx.await.map_err(|_| SpoolError::Closed)??;
         if self.shared.limits.sync == SpoolSync::Always {
-            self.wait_synced(seq).await?;
+            self.wait_synced(*range.end()).await?;
         }
-        Ok(seq)
+        Ok(range)
     }
 
     /// Append every finding with one `write(2)` on the caller's thread (all
     /// or none) and return their seqs. For PEPs that decide in batches on a
-    /// thread of their own (the DNS sinkhole's `recvmmsg` loop); async
-    /// callers use [`AuditSpool::record`], which keeps the write off the
-    /// event loop. Never waits for a sync: with [`SpoolSync::Always`] the
+    /// thread of their own; an append racing the background `fdatasync` can
+    /// block for a millisecond, so async callers use
+    /// [`AuditSpool::record`] / [`AuditSpool::record_batch`], which keep the
+    /// write off the event loop. Never waits for a sync: with [`SpoolSync::Always`] the
     /// caller awaits [`AuditSpool::wait_synced`] on the last seq before it
     /// forwards anything. An empty batch is refused as `TooLarge(0)`: it
     /// has no seq range.
@@ -871,45 +902,51 @@ impl Shared {
                     Err(_) => break,
                 }
             }
-            // How many fit (frames are body + header + at most 11 seq bytes).
-            let fit = {
+            // Which requests fit, in order (a request's frames are its
+            // bodies + header + at most 11 seq bytes each; all or none).
+            let (records_now, bytes_now) = {
                 let st = self.state.lock();
-                let room = self
-                    .limits
-                    .max_records
-                    .saturating_sub(st.unacked.len() as u64);
-                let mut bytes = st.disk_bytes;
-                batch
-                    .iter()
-                    .take(usize::try_from(room).unwrap_or(usize::MAX))
-                    .take_while(|r| {
-                        bytes += (r.body.len() + FRAME_HEADER + 11) as u64;
-                        bytes <= self.limits.max_bytes
-                    })
-                    .count()
+                (st.unacked.len() as u64, st.disk_bytes)
             };
-            let refused = batch.split_off(fit);
-            if !refused.is_empty() {
-                let (records, bytes) = {
-                    let st = self.state.lock();
-                    (st.unacked.len() as u64, st.disk_bytes)
-                };
-                self.full.inc_by(refused.len() as u64);
-                for r in refused {
-                    let _ = r.reply.send(Err(SpoolError::Full { records, bytes }));
+            let (mut records, mut bytes) = (records_now, bytes_now);
+            let mut accepted = Vec::with_capacity(batch.len());
+            for r in batch.drain(..) {
+                let n = r.bodies.len() as u64;
+                let framed: u64 = r
+                    .bodies
+                    .iter()
+                    .map(|b| (b.len() + FRAME_HEADER + 11) as u64)
+                    .sum();
+                if records + n > self.limits.max_records || bytes + framed > self.limits.max_bytes {
+                    self.full.inc_by(n);
+                    let _ = r.reply.send(Err(SpoolError::Full {
+                        records: records_now,
+                        bytes: bytes_now,
+                    }));
+                    continue;
                 }
+                records += n;
+                bytes += framed;
+                accepted.push(r);
             }
-            if !batch.is_empty() {
-                match self.append(batch.iter().map(|r| r.body.as_slice())) {
-                    Ok(range) => {
-                        for (r, seq) in batch.drain(..).zip(range) {
-                            let _ = r.reply.send(Ok(seq));
-                        }
+            if accepted.is_empty() {
+                continue;
+            }
+            let bodies = accepted
+                .iter()
+                .flat_map(|r| r.bodies.iter().map(Vec::as_slice));
+            match self.append(bodies) {
+                Ok(range) => {
+                    let mut next = *range.start();
+                    for r in accepted {
+                        let n = r.bodies.len() as u64;
+                        let _ = r.reply.send(Ok(next..=next + n - 1));
+                        next += n;
                     }
-                    Err(e) => {
-                        for r in batch.drain(..) {
-                            let _ = r.reply.send(Err(e.duplicate()));
-                        }
+                }
+                Err(e) => {
+                    for r in accepted {
+                        let _ = r.reply.send(Err(e.duplicate()));
                     }
                 }
             }

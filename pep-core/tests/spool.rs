@@ -319,6 +319,44 @@ async fn append_batch_is_one_contiguous_all_or_nothing_range() {
     );
 }
 
+#[tokio::test]
+async fn record_batch_goes_through_the_writer_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = AuditSpool::open(
+        dir.path(),
+        SpoolLimits {
+            max_records: 6,
+            sync: SpoolSync::Always,
+            ..SpoolLimits::default()
+        },
+    )
+    .unwrap();
+    let a = s.record_batch((0..3).map(|i| finding(&format!("a{i}"))).collect());
+    let b = s.record(finding("single"));
+    let (a, b) = tokio::join!(a, b);
+    let (a, b) = (a.unwrap(), b.unwrap());
+    // Contiguous ranges, no overlap, whatever the interleaving.
+    assert_eq!(a.clone().count(), 3);
+    assert!(!a.contains(&b));
+    assert!(s.synced_through() >= (*a.end()).max(b), "always ⇒ synced");
+    // 4 + 3 > 6: refused whole.
+    let e = s
+        .record_batch((0..3).map(|i| finding(&format!("c{i}"))).collect())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SpoolError::Full { .. }), "{e}");
+    assert_eq!(
+        s.record_batch((0..2).map(|i| finding(&format!("d{i}"))).collect())
+            .await
+            .unwrap(),
+        5..=6
+    );
+    assert!(matches!(
+        s.record_batch(Vec::new()).await,
+        Err(SpoolError::TooLarge(0))
+    ));
+}
+
 #[test]
 fn sync_policy_parses_and_prints() {
     assert_eq!("always".parse::<SpoolSync>().unwrap(), SpoolSync::Always);
