@@ -25,6 +25,7 @@
 //!
 //! [`AuditSink::record_batch`]: crate::audit::AuditSink::record_batch
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::io::{IoSlice, IoSliceMut};
 use std::net::SocketAddr;
@@ -62,6 +63,25 @@ fn poll_once<T>(fut: &mut BoxFuture<T>) -> Poll<T> {
     let waker = futures::task::noop_waker();
     let mut cx = Context::from_waker(&waker);
     fut.as_mut().poll(&mut cx)
+}
+
+/// Per-thread buffers reused across batches: at fast-path rates a few
+/// kilobyte-sized allocations per batch cost more than the work they hold
+/// (glibc consolidates its fast bins on every large request). Only used in
+/// synchronous sections, never across an await.
+#[derive(Default)]
+struct Scratch {
+    decided: Vec<Decided>,
+    out: Vec<u8>,
+    spans: Vec<(usize, usize, SocketAddr)>,
+    key: Vec<u8>,
+    addrs: Vec<Option<SockaddrStorage>>,
+    send_headers: Option<MultiHeaders<SockaddrStorage>>,
+    recv_headers: Option<MultiHeaders<SockaddrStorage>>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// A decided query waiting for its batch's audit write.
@@ -248,14 +268,26 @@ impl DnsSinkhole {
         });
     }
 
-    /// Policy + audit + answers of one receive batch, datagrams given as
-    /// (source, bytes) slices of the receive buffer.
-    fn handle_batch(self: &Arc<Self>, socket: &Arc<UdpSocket>, batch: &[(SocketAddr, &[u8])]) {
-        let mut decided = Vec::with_capacity(batch.len());
-        let mut findings = Vec::with_capacity(batch.len());
+    /// Policy + audit + answers of one receive batch: datagram `i` is
+    /// `bufs[i * DGRAM..][..len]` from `src` (`meta[i]`).
+    fn handle_batch(
+        self: &Arc<Self>,
+        socket: &Arc<UdpSocket>,
+        bufs: &[u8],
+        meta: &[(usize, Option<SocketAddr>)],
+    ) {
+        let mut decided = SCRATCH.with(|s| std::mem::take(&mut s.borrow_mut().decided));
+        let mut findings = Vec::with_capacity(meta.len());
         // One receive time for the batch (it arrived with one recvmmsg).
         let ts = now_nanos();
-        for &(src, raw) in batch {
+        for (i, &(n, src)) in meta.iter().enumerate() {
+            // A source we cannot answer: drop.
+            let Some(src) = src.filter(|s| s.port() != 0) else {
+                continue;
+            };
+            let Some(raw) = bufs.get(i * DGRAM..i * DGRAM + n.min(DGRAM)) else {
+                continue;
+            };
             let q = match wire::parse_query(raw) {
                 Ok(q) => q,
                 Err(ParseError::Drop) => continue,
@@ -273,6 +305,17 @@ impl DnsSinkhole {
                 Step::Slow => spawn_slow(self.clone(), socket.clone(), raw.to_vec(), src),
             }
         }
+        self.audit_and_respond(socket, &mut decided, findings);
+        decided.clear();
+        SCRATCH.with(|s| s.borrow_mut().decided = decided);
+    }
+
+    fn audit_and_respond(
+        self: &Arc<Self>,
+        socket: &Arc<UdpSocket>,
+        decided: &mut Vec<Decided>,
+        findings: Vec<AuditFinding>,
+    ) {
         if decided.is_empty() {
             return;
         }
@@ -282,34 +325,39 @@ impl DnsSinkhole {
             Box::pin(async move { this.audit.record_batch(findings).await })
         };
         match poll_once(&mut fut) {
-            Poll::Ready(res) => self.respond(socket, decided, res.is_ok()),
+            Poll::Ready(res) => self.respond(socket, decided.drain(..), res.is_ok()),
             Poll::Pending if !any_allow && self.cfg.audit_async_deny => {
-                // Queued (the spool commits in queue order): answer now.
+                // Written (the spool syncs in order): answer now.
                 self.spawn_audit_wait(fut, decided.len());
-                self.respond(socket, decided, true);
+                self.respond(socket, decided.drain(..), true);
             }
             Poll::Pending => {
-                // Sinkholed answers may leave once queued; allowed answers
-                // wait for the write.
-                let now: Vec<Decided>;
-                let later: Vec<Decided>;
-                if self.cfg.audit_async_deny {
-                    (later, now) = decided.into_iter().partition(|d| d.allow);
-                } else {
-                    (now, later) = (Vec::new(), decided);
-                }
-                let answered = now.len() as u64;
-                if !now.is_empty() {
+                // Sinkholed answers may leave once written (with
+                // --audit-async-deny); allowed answers wait for the sync.
+                let later: Vec<Decided> = if self.cfg.audit_async_deny {
+                    let (later, now): (Vec<Decided>, Vec<Decided>) =
+                        decided.drain(..).partition(|d| d.allow);
+                    let answered = now.len() as u64;
                     self.respond(socket, now, true);
-                }
+                    let failures = self.metrics.audit_failures.clone();
+                    let this = self.clone();
+                    let socket = socket.clone();
+                    tokio::spawn(async move {
+                        let res = fut.await;
+                        if res.is_err() {
+                            // The sinkholed answers already sent count too.
+                            failures.inc_by(answered);
+                        }
+                        this.respond(&socket, later, res.is_ok());
+                    });
+                    return;
+                } else {
+                    std::mem::take(decided)
+                };
                 let this = self.clone();
                 let socket = socket.clone();
                 tokio::spawn(async move {
                     let res = fut.await;
-                    if res.is_err() {
-                        // The sinkholed answers already sent count too.
-                        this.metrics.audit_failures.inc_by(answered);
-                    }
                     this.respond(&socket, later, res.is_ok());
                 });
             }
@@ -319,10 +367,38 @@ impl DnsSinkhole {
     /// Build and send the answers of `items` (`audit_ok`: their records
     /// were written). Allowed names without a usable cached answer are
     /// served by the hickory code in their own task.
-    fn respond(self: &Arc<Self>, socket: &Arc<UdpSocket>, items: Vec<Decided>, audit_ok: bool) {
-        let mut out: Vec<u8> = Vec::with_capacity(items.len() * 64);
-        let mut spans: Vec<(usize, usize, SocketAddr)> = Vec::with_capacity(items.len());
-        let mut key = Vec::with_capacity(64);
+    fn respond(
+        self: &Arc<Self>,
+        socket: &Arc<UdpSocket>,
+        items: impl IntoIterator<Item = Decided>,
+        audit_ok: bool,
+    ) {
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let Scratch {
+                out,
+                spans,
+                key,
+                addrs,
+                send_headers,
+                ..
+            } = &mut *s;
+            out.clear();
+            spans.clear();
+            self.build_answers(socket, items, audit_ok, out, spans, key);
+            send_batch(socket, out, spans, addrs, send_headers);
+        });
+    }
+
+    fn build_answers(
+        self: &Arc<Self>,
+        socket: &Arc<UdpSocket>,
+        items: impl IntoIterator<Item = Decided>,
+        audit_ok: bool,
+        out: &mut Vec<u8>,
+        spans: &mut Vec<(usize, usize, SocketAddr)>,
+        key: &mut Vec<u8>,
+    ) {
         let now = Instant::now();
         for d in items {
             let start = out.len();
@@ -330,7 +406,7 @@ impl DnsSinkhole {
                 if !audit_ok {
                     self.metrics.audit_failures.inc();
                 }
-                self.sinkhole_into(&mut out, &d.q);
+                self.sinkhole_into(out, &d.q);
                 spans.push((start, out.len(), d.src));
                 continue;
             }
@@ -338,17 +414,17 @@ impl DnsSinkhole {
                 tracing::warn!(host = %d.host, "audit spool failed: sinkholing");
                 self.metrics.audit_failures.inc();
                 self.count(Decision::Deny, "fail_closed", Protocol::Udp);
-                self.sinkhole_into(&mut out, &d.q);
+                self.sinkhole_into(out, &d.q);
                 spans.push((start, out.len(), d.src));
                 continue;
             }
             self.count(Decision::Allow, d.cause, Protocol::Udp);
-            write_cache_key(&mut key, &d.host, d.q.qtype, d.q.qclass, d.q.dnssec_ok());
-            let served = match self.cache.get(&key, now) {
+            write_cache_key(key, &d.host, d.q.qtype, d.q.qclass, d.q.dnssec_ok());
+            let served = match self.cache.get(key, now) {
                 Some(hit) => match &hit.wire {
                     Some(sections) => {
                         let ok = wire::cached_response(
-                            &mut out,
+                            out,
                             &d.q,
                             hit.response_code.low(),
                             hit.authentic_data && d.q.ad,
@@ -371,7 +447,6 @@ impl DnsSinkhole {
                 self.spawn_allowed(socket, d);
             }
         }
-        send_batch(socket, &out, &spans);
     }
 
     fn sinkhole_into(&self, out: &mut Vec<u8>, q: &Query) {
@@ -416,7 +491,14 @@ impl DnsSinkhole {
 
 /// Send `spans` of `out` with `sendmmsg`; whatever the kernel does not
 /// take at once (full socket buffer) is sent by a task that waits.
-fn send_batch(socket: &Arc<UdpSocket>, out: &[u8], spans: &[(usize, usize, SocketAddr)]) {
+fn send_batch(
+    socket: &Arc<UdpSocket>,
+    out: &[u8],
+    spans: &[(usize, usize, SocketAddr)],
+    addrs: &mut Vec<Option<SockaddrStorage>>,
+    headers: &mut Option<MultiHeaders<SockaddrStorage>>,
+) {
+    let headers = headers.get_or_insert_with(|| MultiHeaders::preallocate(BATCH, None));
     let mut done = 0;
     while done < spans.len() {
         let chunk = &spans[done..spans.len().min(done + BATCH)];
@@ -424,16 +506,17 @@ fn send_batch(socket: &Arc<UdpSocket>, out: &[u8], spans: &[(usize, usize, Socke
             .iter()
             .map(|&(s, e, _)| [IoSlice::new(&out[s..e])])
             .collect();
-        let addrs: Vec<Option<SockaddrStorage>> = chunk
-            .iter()
-            .map(|&(_, _, dst)| Some(SockaddrStorage::from(dst)))
-            .collect();
-        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(chunk.len(), None);
+        addrs.clear();
+        addrs.extend(
+            chunk
+                .iter()
+                .map(|&(_, _, dst)| Some(SockaddrStorage::from(dst))),
+        );
         let sent = match sendmmsg(
             socket.as_raw_fd(),
-            &mut headers,
+            headers,
             &slices,
-            &addrs,
+            &addrs[..],
             [],
             MsgFlags::MSG_DONTWAIT,
         ) {
@@ -483,25 +566,30 @@ pub async fn serve_udp_fast(sinkhole: Arc<DnsSinkhole>, socket: UdpSocket) {
         }
         meta.clear();
         let res = socket.try_io(Interest::READABLE, || {
-            // Not `Send` (raw pointers): built per call, never held across
-            // an await.
-            let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
-            let mut slices: Vec<[IoSliceMut<'_>; 1]> = bufs
-                .chunks_exact_mut(DGRAM)
-                .map(|c| [IoSliceMut::new(c)])
-                .collect();
-            let results = recvmmsg(
-                socket.as_raw_fd(),
-                &mut headers,
-                slices.iter_mut(),
-                MsgFlags::MSG_DONTWAIT,
-                None,
-            )
-            .map_err(std::io::Error::from)?;
-            for r in results {
-                meta.push((r.bytes, r.address.as_ref().and_then(to_std)));
-            }
-            Ok(())
+            SCRATCH.with(|s| {
+                let mut s = s.borrow_mut();
+                // Not `Send` (raw pointers): kept per thread, never held
+                // across an await.
+                let headers = s
+                    .recv_headers
+                    .get_or_insert_with(|| MultiHeaders::preallocate(BATCH, None));
+                let mut slices: Vec<[IoSliceMut<'_>; 1]> = bufs
+                    .chunks_exact_mut(DGRAM)
+                    .map(|c| [IoSliceMut::new(c)])
+                    .collect();
+                let results = recvmmsg(
+                    socket.as_raw_fd(),
+                    headers,
+                    slices.iter_mut(),
+                    MsgFlags::MSG_DONTWAIT,
+                    None,
+                )
+                .map_err(std::io::Error::from)?;
+                for r in results {
+                    meta.push((r.bytes, r.address.as_ref().and_then(to_std)));
+                }
+                Ok(())
+            })
         });
         match res {
             Ok(()) => {}
@@ -511,15 +599,6 @@ pub async fn serve_udp_fast(sinkhole: Arc<DnsSinkhole>, socket: UdpSocket) {
                 continue;
             }
         }
-        let batch: Vec<(SocketAddr, &[u8])> = meta
-            .iter()
-            .enumerate()
-            .filter_map(|(i, &(n, src))| {
-                let src = src?;
-                // A source we cannot answer: drop.
-                (src.port() != 0).then(|| (src, &bufs[i * DGRAM..i * DGRAM + n.min(DGRAM)]))
-            })
-            .collect();
-        sinkhole.handle_batch(&socket, &batch);
+        sinkhole.handle_batch(&socket, &bufs, &meta);
     }
 }
