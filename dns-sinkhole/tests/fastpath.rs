@@ -516,3 +516,70 @@ fn fast_path_audits_every_query_once_with_its_process() {
     assert_eq!(recs[1].reason, "not_in_allowlist");
     assert_eq!(recs[0].reason, "allowlist");
 }
+
+/// A full spool on the fast path: the batch write fails, so every query of
+/// the batch is sinkholed (allowed ones included, counted as fail_closed)
+/// and nothing is forwarded.
+#[test]
+fn full_spool_sinkholes_fast_path_queries() {
+    let up = Upstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let spool_s = spool.to_str().unwrap().to_string();
+    let s = start(
+        &up,
+        &[
+            "--attribution",
+            "false",
+            "--spool-dir",
+            &spool_s,
+            "--spool-max-records",
+            "2",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let client = Client::new();
+    let ask = |id: u16, labels: &[&[u8]]| {
+        let mut p = header(id, 0x0100, 1, 0, 0, 0);
+        p.extend(name_wire(labels));
+        p.extend_from_slice(&[0, 1, 0, 1]);
+        let r = client.ask(s.addr, &p).expect("answer");
+        Message::from_vec(&r).unwrap().metadata.response_code
+    };
+    for id in 0..2 {
+        assert_eq!(ask(id, &[b"allowed", b"test"]), ResponseCode::NoError);
+    }
+    let forwarded = up.total();
+    for (id, labels) in [
+        (10, &[&b"allowed"[..], b"test"][..]),
+        (11, &[b"new", b"wild", b"test"]),
+        (12, &[b"evil", b"test"]),
+    ] {
+        assert_eq!(ask(id, labels), ResponseCode::NXDomain, "{labels:?}");
+    }
+    assert_eq!(up.total(), forwarded, "forwarded without an audit record");
+    let body = {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(s.metrics.expect("metrics")).unwrap();
+        write!(
+            c,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        out
+    };
+    let failures: f64 = body
+        .lines()
+        .find(|l| l.starts_with("secureops_dns_audit_failures_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .expect("audit failures metric");
+    assert_eq!(failures, 3.0, "{body}");
+    assert!(
+        body.contains(r#"decision="deny",cause="fail_closed",transport="udp"} 2"#),
+        "{body}"
+    );
+}
