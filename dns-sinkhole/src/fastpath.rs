@@ -595,7 +595,10 @@ pub async fn serve_udp_fast(sinkhole: Arc<DnsSinkhole>, socket: UdpSocket) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => {
+                // Readiness stays set on an error: let other tasks run
+                // before trying again.
                 tracing::debug!(error = %e, "udp recvmmsg");
+                tokio::task::yield_now().await;
                 continue;
             }
         }
