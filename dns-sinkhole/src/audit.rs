@@ -54,6 +54,11 @@ impl AuditSink for AuditSpool {
     /// One `write(2)` for the whole batch, done by this call (before the
     /// future is even polled); with `--spool-sync always` the future then
     /// waits for the batch's `fdatasync`.
+    ///
+    /// Inline on the receive loop on purpose, although pep-core suggests
+    /// `AuditSpool::record_batch` (writer thread) for async callers: on the
+    /// one pinned core the cross-thread reply cost ~20 µs at p50 and did not
+    /// improve p99 (`BENCH_NOTES.md`, "Inline `append_batch` vs ...").
     fn record_batch(&self, findings: Vec<AuditFinding>) -> AuditFuture<'_> {
         if findings.is_empty() {
             return Box::pin(std::future::ready(Ok(())));
