@@ -600,11 +600,14 @@ impl AuditSpool {
     }
 
     /// Append every finding with one `write(2)` on the caller's thread (all
-    /// or none) and return their seqs. For PEPs that decide in batches on a
-    /// thread of their own; an append racing the background `fdatasync` can
-    /// block for a millisecond, so async callers use
-    /// [`AuditSpool::record`] / [`AuditSpool::record_batch`], which keep the
-    /// write off the event loop. Never waits for a sync: with [`SpoolSync::Always`] the
+    /// or none) and return their seqs. For PEPs that decide in batches: the
+    /// write is a few µs, but one racing the background `fdatasync` can
+    /// block the calling thread for about a millisecond.
+    /// [`AuditSpool::record_batch`] moves the write to the writer thread
+    /// instead, at the price of a thread hand-off per batch; the DNS
+    /// sinkhole measured both and keeps this one (better p50 and p99 at
+    /// 10k QPS: `dns-sinkhole/BENCH_NOTES.md`). Per-connection async
+    /// callers (the proxy) use [`AuditSpool::record`]. Never waits for a sync: with [`SpoolSync::Always`] the
     /// caller awaits [`AuditSpool::wait_synced`] on the last seq before it
     /// forwards anything. An empty batch is refused as `TooLarge(0)`: it
     /// has no seq range.
