@@ -39,9 +39,7 @@ use hickory_server::net::xfer::Protocol;
 use hickory_server::proto::rr::{DNSClass, RecordType};
 use hickory_server::server::Request;
 use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
-use secureops_pep::{
-    AuditFinding, ConnectionRequest, Decision, HostSource, ProcessIdentity, Transport,
-};
+use secureops_pep::{AuditFinding, ConnectionRequest, Decision, ProcessIdentity, Transport};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
@@ -103,17 +101,7 @@ enum Step {
 }
 
 fn udp_req(sink: &DnsSinkhole, host: String, process: ProcessIdentity) -> ConnectionRequest {
-    ConnectionRequest {
-        request_id: sink.request_id(),
-        workload_id: sink.cfg.workload_id.clone(),
-        process,
-        host,
-        port: 53,
-        ip: None,
-        resolved_ips: Vec::new(),
-        host_source: HostSource::DnsQuery,
-        transport: Transport::Udp,
-    }
+    sink.dns_request(host, process, Transport::Udp)
 }
 
 impl DnsSinkhole {
@@ -468,10 +456,7 @@ impl DnsSinkhole {
             let Ok(req) = Request::from_bytes(d.q.to_wire(), d.src, Protocol::Udp) else {
                 return; // cannot happen: to_wire() is a plain query
             };
-            let limit = req
-                .edns
-                .as_ref()
-                .map_or(512, |e| e.max_payload().clamp(512, 4096));
+            let limit = crate::server::udp_limit(&req);
             let responder = UdpResponder {
                 socket,
                 dst: d.src,

@@ -115,18 +115,7 @@ fn lower_question(q: &[u8]) -> Vec<u8> {
 /// class), or `None` if it does not parse (compression pointers are refused:
 /// the first name of a message has nothing to point back to).
 fn question_span(msg: &[u8]) -> Option<std::ops::Range<usize>> {
-    let mut i = 12usize;
-    loop {
-        let len = usize::from(*msg.get(i)?);
-        if len == 0 {
-            i += 1;
-            break;
-        }
-        if len & 0xC0 != 0 {
-            return None;
-        }
-        i += 1 + len;
-    }
+    let i = crate::wire::plain_name_end(msg, 12)?;
     let end = i.checked_add(4)?;
     (end <= msg.len()).then_some(12..end)
 }

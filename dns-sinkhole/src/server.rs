@@ -208,10 +208,7 @@ pub(crate) fn spawn_slow<H: RequestHandler>(
     tokio::spawn(async move {
         match Request::from_bytes(raw, src, XProtocol::Udp) {
             Ok(req) => {
-                let limit = req
-                    .edns
-                    .as_ref()
-                    .map_or(512, |e| e.max_payload().clamp(512, 4096));
+                let limit = udp_limit(&req);
                 let responder = UdpResponder {
                     socket,
                     dst: src,
@@ -228,4 +225,12 @@ pub(crate) fn spawn_slow<H: RequestHandler>(
             }
         }
     });
+}
+
+/// Largest UDP answer the client of `req` accepts (EDNS payload size,
+/// clamped to 512..=4096; 512 without EDNS).
+pub(crate) fn udp_limit(req: &Request) -> u16 {
+    req.edns
+        .as_ref()
+        .map_or(512, |e| e.max_payload().clamp(512, 4096))
 }

@@ -213,6 +213,26 @@ impl DnsSinkhole {
         &self.forwarder
     }
 
+    /// The PDP request for one query of `host`.
+    pub(crate) fn dns_request(
+        &self,
+        host: String,
+        process: ProcessIdentity,
+        transport: Transport,
+    ) -> ConnectionRequest {
+        ConnectionRequest {
+            request_id: self.request_id(),
+            workload_id: self.cfg.workload_id.clone(),
+            process,
+            host,
+            port: 53,
+            ip: None,
+            resolved_ips: Vec::new(),
+            host_source: HostSource::DnsQuery,
+            transport,
+        }
+    }
+
     pub(crate) fn request_id(&self) -> String {
         use std::fmt::Write;
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
@@ -588,17 +608,7 @@ impl DnsSinkhole {
             Some(a) => a.attribute(request.src(), protocol == Protocol::Tcp).await,
             None => ProcessIdentity::default(),
         };
-        let req = ConnectionRequest {
-            request_id: self.request_id(),
-            workload_id: self.cfg.workload_id.clone(),
-            process,
-            host,
-            port: 53,
-            ip: None,
-            resolved_ips: Vec::new(),
-            host_source: HostSource::DnsQuery,
-            transport,
-        };
+        let req = self.dns_request(host, process, transport);
         let mut verdict = self.decide(&req).await;
         // The record is spooled before anything leaves the box; no record ⇒
         // no forward.

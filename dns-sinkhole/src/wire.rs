@@ -84,7 +84,7 @@ fn u32_at(b: &[u8], i: usize) -> Option<u32> {
 /// Span of an uncompressed wire name starting at `start` (labels + the
 /// terminating zero), or `None` when it is compressed, uses a reserved label
 /// type, is longer than 255 bytes or runs past the end.
-fn plain_name_end(b: &[u8], start: usize) -> Option<usize> {
+pub(crate) fn plain_name_end(b: &[u8], start: usize) -> Option<usize> {
     let mut i = start;
     loop {
         let len = usize::from(*b.get(i)?);
