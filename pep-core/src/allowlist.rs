@@ -25,8 +25,10 @@ pub enum AllowlistError {
 #[derive(Debug, Clone, Default)]
 pub struct AllowlistPdp {
     exact: HashSet<String>,
-    /// Stored with a leading dot: `.githubusercontent.com`.
-    suffixes: Vec<String>,
+    /// `*.githubusercontent.com` is stored as `githubusercontent.com`; a host
+    /// matches when one of its proper parent domains is in the set (one hash
+    /// lookup per label, not a scan of every pattern).
+    suffixes: HashSet<String>,
 }
 
 impl AllowlistPdp {
@@ -47,7 +49,7 @@ impl AllowlistPdp {
                     entry: raw.to_string(),
                     why,
                 })?;
-                pdp.suffixes.push(format!(".{norm}"));
+                pdp.suffixes.insert(norm);
             } else {
                 if raw.trim_matches(['[', ']']).parse::<IpAddr>().is_ok() {
                     return Err(AllowlistError::IpLiteral(raw.to_string()));
@@ -67,7 +69,10 @@ impl AllowlistPdp {
         let Ok(host) = normalize_host(host) else {
             return false;
         };
-        self.exact.contains(&host) || self.suffixes.iter().any(|s| host.ends_with(s.as_str()))
+        self.exact.contains(&host)
+            || host
+                .match_indices('.')
+                .any(|(i, _)| self.suffixes.contains(&host[i + 1..]))
     }
 }
 
@@ -90,7 +95,10 @@ pub(crate) fn normalize_host(raw: &str) -> Result<String, String> {
     if trimmed.is_empty() {
         return Err("empty name".into());
     }
-    let ascii = idna::domain_to_ascii_strict(trimmed).map_err(|e| format!("{e:?}"))?;
+    let ascii = match plain_ldh(trimmed) {
+        Some(lower) => lower,
+        None => idna::domain_to_ascii_strict(trimmed).map_err(|e| format!("{e:?}"))?,
+    };
     if ascii.len() > 253 {
         return Err("name longer than 253 bytes".into());
     }
@@ -115,9 +123,58 @@ pub(crate) fn normalize_host(raw: &str) -> Result<String, String> {
     Ok(ascii)
 }
 
+/// The lowercase form of `name` when IDNA processing is the identity on it:
+/// only ASCII letters, digits, `-` and `.`, no label that starts or ends
+/// with `-` or has `--` in positions 3–4 (`xn--` and its kin need the full
+/// UTS 46 check). Everything else (`None`) takes the IDNA path. This is the
+/// common case — every name a DNS resolver sends — and skips the IDNA
+/// machinery (the biggest part of a sinkholed query's decision).
+fn plain_ldh(name: &str) -> Option<String> {
+    let ok_bytes = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if !ok_bytes {
+        return None;
+    }
+    for label in name.split('.') {
+        let l = label.as_bytes();
+        if l.first() == Some(&b'-') || l.last() == Some(&b'-') || l.get(2..4) == Some(b"--") {
+            return None;
+        }
+    }
+    Some(name.to_ascii_lowercase())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The ASCII shortcut never changes the result of normalisation.
+        #[test]
+        fn plain_ldh_agrees_with_idna(name in "[a-zA-Z0-9.\\-]{0,70}") {
+            let trimmed = name.strip_suffix('.').unwrap_or(&name);
+            if let Some(fast) = plain_ldh(trimmed) {
+                let slow = idna::domain_to_ascii_strict(trimmed).map_err(|e| format!("{e:?}"));
+                match slow {
+                    Ok(s) => prop_assert_eq!(fast, s),
+                    // IDNA refuses it (empty label, length): the label
+                    // checks after the shortcut must refuse it too.
+                    Err(_) => prop_assert!(normalize_host(&name).is_err(), "{name:?} accepted"),
+                }
+            }
+        }
+
+        /// Suffix lookup by label = the old scan over every pattern.
+        #[test]
+        fn suffix_lookup_matches_scan(host in "[a-c]{1,2}(\\.[a-c]{1,2}){0,4}") {
+            let pats = ["a", "b.a", "c.b.a", "aa.bb"];
+            let pdp = AllowlistPdp::new(pats.iter().map(|p| format!("*.{p}"))).unwrap();
+            let scan = pats.iter().any(|p| host.ends_with(&format!(".{p}")));
+            prop_assert_eq!(pdp.allows(&host), scan);
+        }
+    }
 
     #[test]
     fn wildcard_semantics() {
