@@ -9,7 +9,7 @@ mod common;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use common::{Sinkhole, Upstream, dig};
+use common::{Sinkhole, Upstream, dig, header, name_wire};
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::Record;
 use proptest::prelude::*;
@@ -75,24 +75,6 @@ impl Client {
             .unwrap();
         r
     }
-}
-
-fn header(id: u16, flags: u16, qd: u16, an: u16, ns: u16, ar: u16) -> Vec<u8> {
-    let mut h = Vec::with_capacity(12);
-    for v in [id, flags, qd, an, ns, ar] {
-        h.extend_from_slice(&v.to_be_bytes());
-    }
-    h
-}
-
-fn name_wire(labels: &[&[u8]]) -> Vec<u8> {
-    let mut q = Vec::new();
-    for l in labels {
-        q.push(l.len() as u8);
-        q.extend_from_slice(l);
-    }
-    q.push(0);
-    q
 }
 
 /// EDNS OPT record: payload, DO, raw options.

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::{Sinkhole, Upstream, dig, random_label, udp_query, udp_raw};
+use common::{Sinkhole, Upstream, dig, header, name_wire, random_label, udp_query, udp_raw};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use proptest::prelude::*;
@@ -29,21 +29,8 @@ fn start(up: &Upstream, extra: &[&str]) -> Sinkhole {
     Sinkhole::spawn(&args)
 }
 
-fn header(id: u16, flags: u16, qd: u16, an: u16, ns: u16, ar: u16) -> Vec<u8> {
-    let mut h = Vec::new();
-    for v in [id, flags, qd, an, ns, ar] {
-        h.extend_from_slice(&v.to_be_bytes());
-    }
-    h
-}
-
 fn question(name: &[&[u8]]) -> Vec<u8> {
-    let mut q = Vec::new();
-    for l in name {
-        q.push(l.len() as u8);
-        q.extend_from_slice(l);
-    }
-    q.push(0);
+    let mut q = name_wire(name);
     q.extend_from_slice(&[0, 1, 0, 1]);
     q
 }

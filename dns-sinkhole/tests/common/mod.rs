@@ -364,3 +364,24 @@ pub fn random_label(seed: u64, len: usize) -> String {
         })
         .collect()
 }
+
+/// A DNS header: id, flags and the four section counts, big-endian.
+pub fn header(id: u16, flags: u16, qd: u16, an: u16, ns: u16, ar: u16) -> Vec<u8> {
+    let mut h = Vec::with_capacity(12);
+    for v in [id, flags, qd, an, ns, ar] {
+        h.extend_from_slice(&v.to_be_bytes());
+    }
+    h
+}
+
+/// An uncompressed wire name from raw labels (lengths not checked: tests
+/// build invalid names on purpose).
+pub fn name_wire(labels: &[&[u8]]) -> Vec<u8> {
+    let mut q = Vec::new();
+    for l in labels {
+        q.push(l.len() as u8);
+        q.extend_from_slice(l);
+    }
+    q.push(0);
+    q
+}
