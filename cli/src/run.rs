@@ -430,17 +430,7 @@ pub async fn run(a: RunArgs, _out: &Output) -> Result<u8> {
             c
         }
     };
-    for k in [
-        "HTTPS_PROXY",
-        "HTTP_PROXY",
-        "https_proxy",
-        "http_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-    ] {
-        cmd.env(k, &proxy_url);
-    }
-    cmd.env_remove("NO_PROXY").env_remove("no_proxy");
+    set_proxy_env(&mut cmd, &proxy_url);
     cmd.stdin(Stdio::inherit())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
@@ -471,6 +461,23 @@ pub fn exit_code(status: std::process::ExitStatus) -> u8 {
         .code()
         .map(|c| u8::try_from(c).unwrap_or(1))
         .unwrap_or_else(|| 128u8.saturating_add(status.signal().map(|s| s as u8).unwrap_or(0)))
+}
+
+/// Point every proxy variable a client library reads at `url`, and drop the
+/// bypass lists (a `NO_PROXY` inherited from the caller must not exempt
+/// anything from the PEP).
+pub(crate) fn set_proxy_env(cmd: &mut tokio::process::Command, url: &str) {
+    for k in [
+        "HTTPS_PROXY",
+        "HTTP_PROXY",
+        "https_proxy",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
+        cmd.env(k, url);
+    }
+    cmd.env_remove("NO_PROXY").env_remove("no_proxy");
 }
 
 #[cfg(test)]

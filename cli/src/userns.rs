@@ -139,17 +139,7 @@ pub async fn shim(a: ShimArgs) -> Result<u8> {
     let url = format!("http://127.0.0.1:{INNER_PROXY_PORT}");
     let mut cmd = tokio::process::Command::new(&a.cmd[0]);
     cmd.args(&a.cmd[1..]);
-    for k in [
-        "HTTPS_PROXY",
-        "HTTP_PROXY",
-        "https_proxy",
-        "http_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-    ] {
-        cmd.env(k, &url);
-    }
-    cmd.env_remove("NO_PROXY").env_remove("no_proxy");
+    crate::run::set_proxy_env(&mut cmd, &url);
     let st = cmd
         .status()
         .await

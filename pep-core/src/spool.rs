@@ -53,7 +53,6 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -205,6 +204,9 @@ struct SyncWork {
     file: Option<Arc<File>>,
     /// Rotated-out segments not yet synced.
     retired: Vec<Arc<File>>,
+    /// Written since the sync thread last took its snapshot: only the first
+    /// write after a snapshot pays for the wake-up.
+    dirty: bool,
     /// Last handle dropped: final sync, then exit.
     shutdown: bool,
 }
@@ -223,9 +225,6 @@ struct Shared {
     appender: Mutex<Appender>,
     sync_work: Mutex<SyncWork>,
     sync_cv: Condvar,
-    /// Set by writers, cleared by the sync thread: only the first write
-    /// after a sync pays for the wake-up.
-    dirty: AtomicBool,
     synced: watch::Sender<Synced>,
     /// Last written seq, for the shipper to wait on.
     last_seq: watch::Sender<u64>,
@@ -505,7 +504,6 @@ impl AuditSpool {
                 ..SyncWork::default()
             }),
             sync_cv: Condvar::new(),
-            dirty: AtomicBool::new(false),
             synced: synced_tx,
             last_seq: last_tx,
             ok: counter("ok"),
@@ -884,7 +882,8 @@ impl Shared {
         {
             let mut w = self.sync_work.lock();
             w.written = last_seq;
-            if !self.dirty.swap(true, Ordering::AcqRel) {
+            if !w.dirty {
+                w.dirty = true;
                 self.sync_cv.notify_one();
             }
         }
@@ -1045,7 +1044,7 @@ impl Shared {
         loop {
             let shutdown = {
                 let mut w = self.sync_work.lock();
-                while !self.dirty.load(Ordering::Acquire) && !w.shutdown {
+                while !w.dirty && !w.shutdown {
                     self.sync_cv.wait(&mut w);
                 }
                 w.shutdown
@@ -1053,10 +1052,10 @@ impl Shared {
             if !shutdown && let SpoolSync::Interval(d) = self.limits.sync {
                 std::thread::sleep(d);
             }
-            // Everything written before this swap is covered by this sync.
-            self.dirty.store(false, Ordering::Release);
+            // Everything written before this snapshot is covered by this sync.
             let (through, file, retired) = {
                 let mut w = self.sync_work.lock();
+                w.dirty = false;
                 (w.written, w.file.clone(), std::mem::take(&mut w.retired))
             };
             let res = retired
