@@ -343,6 +343,9 @@ impl EgressProxy {
     /// Returns the outcome after the fail mode is applied.
     async fn decide(&self, req: &mut ConnectionRequest, literal: Option<IpAddr>) -> PdpOutcome {
         if literal.is_none() && req.host_source != HostSource::OriginalDst {
+            if let Some(refused) = self.precheck_name(req).await {
+                return refused;
+            }
             match self.resolver.resolve(&req.host).await {
                 Ok(ips) => {
                     req.ip = pick_ip(&ips);
@@ -357,6 +360,25 @@ impl EgressProxy {
             }
         }
         self.ask_pdp(req).await
+    }
+
+    /// Name first: ask about the name before any DNS lookup of it. A name
+    /// the policy refuses is never resolved, because the lookup itself would
+    /// carry the name (and whatever an injected prompt encoded into it) to
+    /// whoever serves that zone, and the audit record keeps the policy's
+    /// reason instead of a resolver error. For a name, only the DNS-rebinding
+    /// guard depends on the answer, so an allowed name is then resolved and
+    /// asked about again with its addresses (a cache hit when the PDP lets
+    /// the PEP cache). `Some` is the final, refusing outcome.
+    async fn precheck_name(&self, req: &ConnectionRequest) -> Option<PdpOutcome> {
+        debug_assert!(req.resolved_ips.is_empty());
+        let pre = self.ask_pdp(req).await;
+        if pre.decision.is_allow() {
+            None
+        } else {
+            self.metrics.dns_lookups_avoided.inc();
+            Some(pre)
+        }
     }
 
     async fn ask_pdp(&self, req: &ConnectionRequest) -> PdpOutcome {
@@ -991,6 +1013,8 @@ pub async fn handle_transparent(
         } else {
             proxy.ask_pdp(&req).await
         }
+    } else if let Some(refused) = proxy.precheck_name(&req).await {
+        refused
     } else {
         match proxy.resolver.resolve(&ph.host).await {
             Ok(ips) => {

@@ -26,6 +26,9 @@ pub struct ProxyMetrics {
     /// `secureops_proxy_decision_duration_seconds`: PDP latency as seen by
     /// the proxy.
     pub decision_seconds: Histogram,
+    /// `secureops_proxy_refused_before_lookup_total`: names refused on the
+    /// name alone, so never looked up in DNS.
+    pub dns_lookups_avoided: Counter,
 }
 
 impl Default for ProxyMetrics {
@@ -46,6 +49,7 @@ impl ProxyMetrics {
             decision_seconds: Histogram::new([
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
             ]),
+            dns_lookups_avoided: Counter::default(),
         }
     }
 
@@ -86,6 +90,11 @@ impl ProxyMetrics {
             "decision_duration_seconds",
             "PDP decision latency seen by the proxy",
             self.decision_seconds.clone(),
+        );
+        sub.register(
+            "refused_before_lookup",
+            "Named destinations refused on the name alone (no DNS lookup made)",
+            self.dns_lookups_avoided.clone(),
         );
     }
 

