@@ -1040,6 +1040,16 @@ impl Shared {
     /// [`SpoolSync::Interval`] window fill, `fdatasync`s every file with
     /// unsynced data and publishes the synced seq. Exits after a final sync
     /// once the last handle is gone.
+    /// `fdatasync`. This module's tests can make it fail for one spool
+    /// directory: a real failure needs a failing block device.
+    fn sync_data(&self, f: &File) -> io::Result<()> {
+        #[cfg(test)]
+        if tests::sync_fails_in(&self.dir) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        f.sync_data()
+    }
+
     fn sync_loop(self: Arc<Self>) {
         loop {
             let shutdown = {
@@ -1061,7 +1071,7 @@ impl Shared {
             let res = retired
                 .iter()
                 .chain(file.iter())
-                .try_for_each(|f| f.sync_data());
+                .try_for_each(|f| self.sync_data(f));
             match res {
                 Ok(()) => {
                     self.synced
@@ -1082,3 +1092,75 @@ impl Shared {
 
 /// How long the shipper waits between watermark persists (bounded replay).
 pub(crate) const PERSIST_INTERVAL: Duration = Duration::from_millis(200);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Spool directories whose `fdatasync`s fail (EIO).
+    static FAILING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    pub(super) fn sync_fails_in(dir: &Path) -> bool {
+        FAILING.lock().iter().any(|d| d == dir)
+    }
+
+    fn finding(host: &str) -> AuditFinding {
+        AuditFinding {
+            pep_kind: "proxy".into(),
+            host: host.into(),
+            port: 443,
+            ..AuditFinding::default()
+        }
+    }
+
+    async fn fail_syncs_and_check(sync: SpoolSync) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = AuditSpool::open(
+            dir.path(),
+            SpoolLimits {
+                sync,
+                ..SpoolLimits::default()
+            },
+        )
+        .unwrap();
+        let first = s.record(finding("before")).await.unwrap();
+        s.wait_synced(first).await.unwrap();
+        assert!(s.accepting());
+
+        FAILING.lock().push(s.shared.dir.clone());
+        let r = s.record(finding("during")).await;
+        match sync {
+            // The answer would wait for the sync, which failed.
+            SpoolSync::Always => assert!(matches!(r, Err(SpoolError::Poisoned)), "{r:?}"),
+            // Written before the failing background sync: the caller learns
+            // it from wait_synced, and every later attempt is refused.
+            SpoolSync::Interval(_) => {
+                let seq = r.unwrap();
+                let w = tokio::time::timeout(Duration::from_secs(5), s.wait_synced(seq))
+                    .await
+                    .expect("sync attempted");
+                assert!(matches!(w, Err(SpoolError::Poisoned)), "{w:?}");
+            }
+        }
+        assert!(!s.accepting(), "a poisoned spool still accepts");
+        assert!(s.synced_through() < first + 1);
+        // Poisoned for good: the device is no longer trusted, even once
+        // fdatasync works again.
+        FAILING.lock().retain(|d| d != &s.shared.dir);
+        let again = s.record(finding("after")).await;
+        assert!(matches!(again, Err(SpoolError::Poisoned)), "{again:?}");
+        let batch = s.append_batch(vec![finding("after-batch")]);
+        assert!(matches!(batch, Err(SpoolError::Poisoned)), "{batch:?}");
+        assert!(!s.accepting());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_fdatasync_poisons_an_always_spool() {
+        fail_syncs_and_check(SpoolSync::Always).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_fdatasync_poisons_an_interval_spool() {
+        fail_syncs_and_check(SpoolSync::Interval(Duration::from_millis(2))).await;
+    }
+}
