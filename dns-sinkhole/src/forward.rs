@@ -14,6 +14,11 @@
 //! dispatches answers to waiting queries by message id; an answer whose
 //! question does not match the one asked is ignored (spoofing / stale
 //! answers). Ids are random per query.
+//!
+//! Upstreams can also be DNS over TLS or DNS over HTTPS ([`UpstreamSpec`]);
+//! those live in [`crate::tls`] (one persistent, pipelined connection per
+//! upstream). The plain UDP path does not pay for them: the upstream kind
+//! is one enum match per attempt.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -27,6 +32,9 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::oneshot;
+
+use crate::tls::{DohUpstream, DotUpstream};
+pub use crate::upstream::{UpstreamParseError, UpstreamSpec};
 
 /// Why forwarding failed; the caller answers SERVFAIL (the name was allowed,
 /// the upstream is broken) and audits nothing extra.
@@ -46,18 +54,51 @@ pub enum ForwardError {
     BadAnswer(SocketAddr),
     #[error("too many queries in flight to {0}")]
     Overloaded(SocketAddr),
+    /// TLS handshake failure, including certificate verification.
+    #[error("upstream {addr}: TLS: {source}")]
+    Tls {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("upstream {0}: connection lost")]
+    ConnectionLost(SocketAddr),
+    #[error("upstream {0}: server did not negotiate HTTP/2 (ALPN h2)")]
+    NoHttp2(SocketAddr),
+    #[error("upstream {addr}: HTTP/2: {source}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("upstream {addr}: HTTP status {status}")]
+    HttpStatus { addr: SocketAddr, status: u16 },
+    #[error("upstream {addr}: content type {content_type:?} is not application/dns-message")]
+    ContentType {
+        addr: SocketAddr,
+        content_type: String,
+    },
+    #[error("upstream {0}: no usable TLS server name")]
+    NoTlsName(SocketAddr),
 }
 
 /// Tuning.
 #[derive(Debug, Clone)]
 pub struct ForwarderConfig {
-    pub upstreams: Vec<SocketAddr>,
-    /// Per-attempt timeout (one upstream, UDP or TCP).
+    pub upstreams: Vec<UpstreamSpec>,
+    /// Per-attempt timeout (one upstream, UDP or TCP; for DoT / DoH it
+    /// includes connecting and the TLS handshake).
     pub timeout: Duration,
-    /// Connected UDP sockets per upstream.
+    /// Connected UDP sockets per plain upstream.
     pub sockets_per_upstream: usize,
     /// EDNS payload size we advertise upstream.
     pub edns_payload: u16,
+    /// Trust anchors for DoT / DoH certificates; `None`: the built-in
+    /// Mozilla roots ([`crate::tls::default_roots`]).
+    pub tls_roots: Option<Arc<rustls::RootCertStore>>,
+    /// Queries in flight on one DoT / DoH upstream; more wait (within their
+    /// timeout) for a slot.
+    pub stream_max_in_flight: usize,
 }
 
 impl Default for ForwarderConfig {
@@ -67,6 +108,8 @@ impl Default for ForwarderConfig {
             timeout: Duration::from_millis(1500),
             sockets_per_upstream: 4,
             edns_payload: 1232,
+            tls_roots: None,
+            stream_max_in_flight: 1024,
         }
     }
 }
@@ -77,15 +120,125 @@ struct Pending {
     question: Vec<u8>,
 }
 
-struct UdpChannel {
-    socket: Arc<UdpSocket>,
-    pending: Mutex<(HashMap<u16, Pending>, u64)>,
+/// Waiting queries of one channel (UDP socket or DoT connection) by id, and
+/// the id generator state.
+pub(crate) struct PendingTable {
+    inner: Mutex<PendingInner>,
+    max: usize,
 }
 
-struct Upstream {
+struct PendingInner {
+    map: HashMap<u16, Pending>,
+    rng: u64,
+    /// Set when a stream connection died: nothing registers any more.
+    closed: bool,
+}
+
+pub(crate) enum RegisterError {
+    Full,
+    Closed,
+}
+
+impl PendingTable {
+    pub(crate) fn new(seed: u64, max: usize) -> Self {
+        PendingTable {
+            inner: Mutex::new(PendingInner {
+                map: HashMap::new(),
+                rng: seed | 1,
+                closed: false,
+            }),
+            // Ids are 16 bits: leave room for the random probe to end.
+            max: max.min(60_000),
+        }
+    }
+
+    pub(crate) fn register(
+        &self,
+        question: &[u8],
+    ) -> Result<(u16, oneshot::Receiver<Vec<u8>>), RegisterError> {
+        let (tx, rx) = oneshot::channel();
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
+        if inner.closed {
+            return Err(RegisterError::Closed);
+        }
+        if inner.map.len() >= self.max {
+            return Err(RegisterError::Full);
+        }
+        let rng = &mut inner.rng;
+        loop {
+            // xorshift64*: ids need to be unpredictable to an off-path
+            // spoofer, not cryptographic (the question is matched too).
+            *rng ^= *rng >> 12;
+            *rng ^= *rng << 25;
+            *rng ^= *rng >> 27;
+            let id = (rng.wrapping_mul(0x2545F4914F6CDD1D) >> 48) as u16;
+            if let std::collections::hash_map::Entry::Vacant(v) = inner.map.entry(id) {
+                v.insert(Pending {
+                    tx,
+                    question: question.to_vec(),
+                });
+                return Ok((id, rx));
+            }
+        }
+    }
+
+    pub(crate) fn cancel(&self, id: u16) {
+        self.inner.lock().map.remove(&id);
+    }
+
+    /// The waiter for `msg` (a response), removed from the table, if its id
+    /// is pending and the question matches the one asked.
+    pub(crate) fn take_matching(&self, msg: &[u8]) -> Option<oneshot::Sender<Vec<u8>>> {
+        let id = u16::from_be_bytes([*msg.first()?, *msg.get(1)?]);
+        let mut guard = self.inner.lock();
+        let matches = guard
+            .map
+            .get(&id)
+            .is_some_and(|p| answer_matches(msg, &p.question));
+        if matches {
+            guard.map.remove(&id).map(|p| p.tx)
+        } else {
+            None
+        }
+    }
+
+    /// Fail every waiting query and refuse new ones.
+    pub(crate) fn close(&self) {
+        let mut guard = self.inner.lock();
+        guard.closed = true;
+        guard.map.clear();
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.inner.lock().closed
+    }
+}
+
+struct UdpChannel {
+    socket: Arc<UdpSocket>,
+    pending: PendingTable,
+}
+
+struct PlainUpstream {
     addr: SocketAddr,
     channels: Vec<Arc<UdpChannel>>,
     rr: AtomicUsize,
+}
+
+enum Upstream {
+    Plain(PlainUpstream),
+    Tls(DotUpstream, SocketAddr),
+    Https(DohUpstream, SocketAddr),
+}
+
+impl Upstream {
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Upstream::Plain(p) => p.addr,
+            Upstream::Tls(_, a) | Upstream::Https(_, a) => *a,
+        }
+    }
 }
 
 /// See the module documentation.
@@ -122,7 +275,7 @@ fn question_span(msg: &[u8]) -> Option<std::ops::Range<usize>> {
 
 /// Build the upstream query: header (random id, RD), the client's question,
 /// and an OPT record advertising `payload` with the client's DO bit.
-fn build_query(id: u16, question: &[u8], payload: u16, dnssec_ok: bool) -> Vec<u8> {
+pub(crate) fn build_query(id: u16, question: &[u8], payload: u16, dnssec_ok: bool) -> Vec<u8> {
     let mut q = Vec::with_capacity(12 + question.len() + 11);
     q.extend_from_slice(&id.to_be_bytes());
     q.extend_from_slice(&[0x01, 0x00]); // RD
@@ -137,7 +290,7 @@ fn build_query(id: u16, question: &[u8], payload: u16, dnssec_ok: bool) -> Vec<u
     q
 }
 
-fn answer_matches(answer: &[u8], question: &[u8]) -> bool {
+pub(crate) fn answer_matches(answer: &[u8], question: &[u8]) -> bool {
     match question_span(answer) {
         Some(span) => {
             let got = &answer[span];
@@ -152,34 +305,6 @@ fn answer_matches(answer: &[u8], question: &[u8]) -> bool {
 }
 
 impl UdpChannel {
-    fn register(&self, question: &[u8]) -> Result<(u16, oneshot::Receiver<Vec<u8>>), ()> {
-        let (tx, rx) = oneshot::channel();
-        let mut guard = self.pending.lock();
-        let (map, rng) = &mut *guard;
-        if map.len() >= MAX_PENDING {
-            return Err(());
-        }
-        loop {
-            // xorshift64*: ids need to be unpredictable to an off-path
-            // spoofer, not cryptographic (the question is matched too).
-            *rng ^= *rng >> 12;
-            *rng ^= *rng << 25;
-            *rng ^= *rng >> 27;
-            let id = (rng.wrapping_mul(0x2545F4914F6CDD1D) >> 48) as u16;
-            if let std::collections::hash_map::Entry::Vacant(v) = map.entry(id) {
-                v.insert(Pending {
-                    tx,
-                    question: question.to_vec(),
-                });
-                return Ok((id, rx));
-            }
-        }
-    }
-
-    fn cancel(&self, id: u16) {
-        self.pending.lock().0.remove(&id);
-    }
-
     async fn recv_loop(self: Arc<Self>) {
         let mut buf = vec![0u8; 65535];
         loop {
@@ -196,15 +321,8 @@ impl UdpChannel {
             if n < 12 || msg[2] & 0x80 == 0 {
                 continue; // not a response
             }
-            let id = u16::from_be_bytes([msg[0], msg[1]]);
-            let mut guard = self.pending.lock();
-            let matches = guard
-                .0
-                .get(&id)
-                .is_some_and(|p| answer_matches(msg, &p.question));
-            if matches && let Some(p) = guard.0.remove(&id) {
-                drop(guard);
-                let _ = p.tx.send(msg.to_vec());
+            if let Some(tx) = self.pending.take_matching(msg) {
+                let _ = tx.send(msg.to_vec());
             }
         }
     }
@@ -216,40 +334,65 @@ impl Forwarder {
     pub async fn new(cfg: ForwarderConfig) -> io::Result<Arc<Self>> {
         let seed = RandomState::new().hash_one(std::process::id());
         let mut upstreams = Vec::new();
-        for (ui, &addr) in cfg.upstreams.iter().enumerate() {
-            let mut channels = Vec::new();
-            for ci in 0..cfg.sockets_per_upstream.max(1) {
-                let domain = socket2::Domain::for_address(addr);
-                let s = socket2::Socket::new(domain, socket2::Type::DGRAM, None)?;
-                // Generous receive buffer: bursts of answers must not be
-                // dropped by the kernel before the receive task runs.
-                let _ = s.set_recv_buffer_size(4 << 20);
-                s.set_nonblocking(true)?;
-                let bind: SocketAddr = if addr.is_ipv4() {
-                    "0.0.0.0:0".parse().map_err(io::Error::other)?
-                } else {
-                    "[::]:0".parse().map_err(io::Error::other)?
-                };
-                s.bind(&bind.into())?;
-                s.connect(&addr.into())?;
-                let socket = UdpSocket::from_std(s.into())?;
-                let ch = Arc::new(UdpChannel {
-                    socket: Arc::new(socket),
-                    pending: Mutex::new((
-                        HashMap::new(),
-                        seed ^ ((ui as u64) << 32)
-                            ^ (ci as u64 + 1).wrapping_mul(0x9E3779B97F4A7C15)
-                            | 1,
-                    )),
-                });
-                tokio::spawn(ch.clone().recv_loop());
-                channels.push(ch);
-            }
-            upstreams.push(Upstream {
-                addr,
-                channels,
-                rr: AtomicUsize::new(0),
-            });
+        // Built on first use: plain-only configurations never touch rustls.
+        let mut dot_config = None;
+        let mut doh_config = None;
+        let roots = || {
+            cfg.tls_roots
+                .clone()
+                .unwrap_or_else(|| Arc::new(crate::tls::default_roots()))
+        };
+        let tls_err = |e: rustls::Error| io::Error::other(format!("TLS client setup: {e}"));
+        for (ui, spec) in cfg.upstreams.iter().enumerate() {
+            let useed = seed ^ ((ui as u64) << 32);
+            let upstream = match spec {
+                UpstreamSpec::Plain(addr) => {
+                    Upstream::Plain(Self::plain_upstream(*addr, &cfg, useed)?)
+                }
+                UpstreamSpec::Tls { addr, .. } => {
+                    let name = spec.server_name().ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidInput, ForwardError::NoTlsName(*addr))
+                    })?;
+                    let config = match &dot_config {
+                        Some(c) => Arc::clone(c),
+                        None => {
+                            let c = crate::tls::client_config(roots(), &[]).map_err(tls_err)?;
+                            dot_config = Some(c.clone());
+                            c
+                        }
+                    };
+                    Upstream::Tls(
+                        DotUpstream::new(*addr, name, config, cfg.stream_max_in_flight, useed),
+                        *addr,
+                    )
+                }
+                UpstreamSpec::Https { addr, path, .. } => {
+                    let name = spec.server_name().ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidInput, ForwardError::NoTlsName(*addr))
+                    })?;
+                    let config = match &doh_config {
+                        Some(c) => Arc::clone(c),
+                        None => {
+                            let c =
+                                crate::tls::client_config(roots(), &[b"h2"]).map_err(tls_err)?;
+                            doh_config = Some(c.clone());
+                            c
+                        }
+                    };
+                    Upstream::Https(
+                        DohUpstream::new(
+                            *addr,
+                            path,
+                            name,
+                            config,
+                            cfg.stream_max_in_flight,
+                            cfg.timeout.max(Duration::from_secs(1)),
+                        )?,
+                        *addr,
+                    )
+                }
+            };
+            upstreams.push(upstream);
         }
         Ok(Arc::new(Forwarder {
             upstreams,
@@ -257,6 +400,44 @@ impl Forwarder {
             start: AtomicUsize::new(0),
             sent: AtomicU64::new(0),
         }))
+    }
+
+    fn plain_upstream(
+        addr: SocketAddr,
+        cfg: &ForwarderConfig,
+        useed: u64,
+    ) -> io::Result<PlainUpstream> {
+        let mut channels = Vec::new();
+        for ci in 0..cfg.sockets_per_upstream.max(1) {
+            let domain = socket2::Domain::for_address(addr);
+            let s = socket2::Socket::new(domain, socket2::Type::DGRAM, None)?;
+            // Generous receive buffer: bursts of answers must not be
+            // dropped by the kernel before the receive task runs.
+            let _ = s.set_recv_buffer_size(4 << 20);
+            s.set_nonblocking(true)?;
+            let bind: SocketAddr = if addr.is_ipv4() {
+                "0.0.0.0:0".parse().map_err(io::Error::other)?
+            } else {
+                "[::]:0".parse().map_err(io::Error::other)?
+            };
+            s.bind(&bind.into())?;
+            s.connect(&addr.into())?;
+            let socket = UdpSocket::from_std(s.into())?;
+            let ch = Arc::new(UdpChannel {
+                socket: Arc::new(socket),
+                pending: PendingTable::new(
+                    useed ^ (ci as u64 + 1).wrapping_mul(0x9E3779B97F4A7C15),
+                    MAX_PENDING,
+                ),
+            });
+            tokio::spawn(ch.clone().recv_loop());
+            channels.push(ch);
+        }
+        Ok(PlainUpstream {
+            addr,
+            channels,
+            rr: AtomicUsize::new(0),
+        })
     }
 
     pub fn has_upstreams(&self) -> bool {
@@ -276,35 +457,68 @@ impl Forwarder {
         let mut last_err = ForwardError::NoUpstream;
         for k in 0..self.upstreams.len() {
             let up = &self.upstreams[(first + k) % self.upstreams.len()];
-            match self.ask_udp(up, &question, dnssec_ok).await {
-                Ok(answer) if answer[2] & 0x02 != 0 => {
-                    match self.ask_tcp(up.addr, &question, dnssec_ok).await {
-                        Ok(a) => return Ok(a),
+            match up {
+                Upstream::Plain(up) => match self.ask_udp(up, &question, dnssec_ok).await {
+                    Ok(answer) if answer[2] & 0x02 != 0 => {
+                        match self.ask_tcp(up.addr, &question, dnssec_ok).await {
+                            Ok(a) => return Ok(a),
+                            Err(e) => last_err = e,
+                        }
+                    }
+                    Ok(answer) => return Ok(answer),
+                    Err(e) => last_err = e,
+                },
+                Upstream::Tls(dot, _) => {
+                    self.sent.fetch_add(1, Ordering::Relaxed);
+                    match dot
+                        .ask(
+                            &question,
+                            dnssec_ok,
+                            self.cfg.edns_payload,
+                            self.cfg.timeout,
+                        )
+                        .await
+                    {
+                        Ok(answer) => return Ok(answer),
                         Err(e) => last_err = e,
                     }
                 }
-                Ok(answer) => return Ok(answer),
-                Err(e) => last_err = e,
+                Upstream::Https(doh, _) => {
+                    self.sent.fetch_add(1, Ordering::Relaxed);
+                    match doh
+                        .ask(
+                            &question,
+                            dnssec_ok,
+                            self.cfg.edns_payload,
+                            self.cfg.timeout,
+                        )
+                        .await
+                    {
+                        Ok(answer) => return Ok(answer),
+                        Err(e) => last_err = e,
+                    }
+                }
             }
-            tracing::debug!(upstream = %up.addr, error = %last_err, "upstream attempt failed");
+            tracing::debug!(upstream = %up.addr(), error = %last_err, "upstream attempt failed");
         }
         Err(last_err)
     }
 
     async fn ask_udp(
         &self,
-        up: &Upstream,
+        up: &PlainUpstream,
         question: &[u8],
         dnssec_ok: bool,
     ) -> Result<Vec<u8>, ForwardError> {
         let ch = &up.channels[up.rr.fetch_add(1, Ordering::Relaxed) % up.channels.len()];
         let (id, rx) = ch
+            .pending
             .register(question)
-            .map_err(|()| ForwardError::Overloaded(up.addr))?;
+            .map_err(|_| ForwardError::Overloaded(up.addr))?;
         let query = build_query(id, question, self.cfg.edns_payload, dnssec_ok);
         self.sent.fetch_add(1, Ordering::Relaxed);
         if let Err(source) = ch.socket.send(&query).await {
-            ch.cancel(id);
+            ch.pending.cancel(id);
             return Err(ForwardError::Io {
                 addr: up.addr,
                 source,
@@ -314,7 +528,7 @@ impl Forwarder {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(_)) => Err(ForwardError::BadAnswer(up.addr)),
             Err(_) => {
-                ch.cancel(id);
+                ch.pending.cancel(id);
                 Err(ForwardError::Timeout(up.addr))
             }
         }

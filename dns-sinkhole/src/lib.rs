@@ -23,7 +23,9 @@
 //!   messages get FORMERR, qdcount ≠ 1 FORMERR, non-QUERY opcodes NOTIMP,
 //!   AXFR/IXFR/ANY/non-IN REFUSED, responses and runts are dropped.
 //! * Allowed names go through [`forward::Forwarder`] (own lean UDP forwarder,
-//!   id + question matching, per-attempt timeout, failover, TCP on TC) and the
+//!   id + question matching, per-attempt timeout, failover, TCP on TC; DNS
+//!   over TLS and DNS over HTTPS upstreams in [`tls`], one persistent
+//!   pipelined connection each, certificates always verified) and the
 //!   TTL-respecting [`cache::AnswerCache`]; answer addresses are reported to
 //!   the PDP ([`context::ContextReporter`]).
 //! * Every query gets one audit record ([`audit::AuditSink`], the pep-core
@@ -42,6 +44,8 @@ pub mod metrics;
 pub mod name;
 pub mod server;
 mod sinkhole;
+pub mod tls;
+pub mod upstream;
 pub mod wire;
 
 pub use sinkhole::{DnsSinkhole, SinkholeAnswer, SinkholeConfig, SinkholeParts};

@@ -1,6 +1,6 @@
 //! `secureops-dns`: the SecureOps DNS sinkhole binary.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +14,7 @@ use secureops_dns::context::ContextReporter;
 use secureops_dns::exfil::{ExfilConfig, ExfilGuard};
 use secureops_dns::forward::{Forwarder, ForwarderConfig};
 use secureops_dns::metrics::DnsMetrics;
+use secureops_dns::upstream::UpstreamSpec;
 use secureops_dns::{DnsSinkhole, SinkholeAnswer, SinkholeConfig, SinkholeParts};
 use secureops_pep::telemetry::{LogFormat, Readiness, announce_listener, init_tracing, serve_ops};
 use secureops_pep::{
@@ -29,10 +30,19 @@ struct Args {
     /// UDP and TCP listen address (same port for both; port 0 = any).
     #[arg(long, env = "SECUREOPS_LISTEN", default_value = "127.0.0.1:7453")]
     listen: SocketAddr,
-    /// Upstream resolver `IP[:PORT]` (default port 53); repeatable, tried in
-    /// round-robin order with failover.
-    #[arg(long = "upstream", env = "SECUREOPS_UPSTREAM", value_delimiter = ',', value_parser = parse_upstream)]
-    upstreams: Vec<SocketAddr>,
+    /// Upstream resolver; repeatable (or a comma list), tried in round-robin
+    /// order with failover. Always an IP address, never a host name:
+    /// `IP[:PORT]` / `[v6]:PORT` plain DNS (UDP, TCP on truncation; port
+    /// 53), `tls://IP[:PORT][#tls-name]` DNS over TLS (port 853),
+    /// `https://IP[:PORT][/path][#tls-name]` DNS over HTTPS (HTTP/2 POST,
+    /// port 443, path /dns-query). `#tls-name` is the name the certificate
+    /// is verified against (default: the IP address).
+    #[arg(long = "upstream", env = "SECUREOPS_UPSTREAM", value_delimiter = ',')]
+    upstreams: Vec<UpstreamSpec>,
+    /// PEM CA bundle trusted for DoT / DoH upstream certificates instead of
+    /// the built-in Mozilla roots. Certificates are always verified.
+    #[arg(long, env = "SECUREOPS_UPSTREAM_CA")]
+    upstream_ca: Option<PathBuf>,
     /// PDP data endpoint (`http://host:port`). Without it the sinkhole runs
     /// standalone on the `--allow` list.
     #[arg(long, env = "SECUREOPS_PDP")]
@@ -136,16 +146,6 @@ struct Args {
     /// UDP receive sockets on the listen port (SO_REUSEPORT; 0 = threads).
     #[arg(long, env = "SECUREOPS_UDP_SOCKETS", default_value_t = 0)]
     udp_sockets: usize,
-}
-
-fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a);
-    }
-    s.trim_matches(['[', ']'])
-        .parse::<IpAddr>()
-        .map(|ip| SocketAddr::new(ip, 53))
-        .map_err(|e| format!("upstream {s:?}: expected IP[:PORT]: {e}"))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -254,13 +254,30 @@ async fn run(args: Args, threads: usize) -> anyhow::Result<()> {
     if args.upstreams.is_empty() {
         tracing::warn!("no --upstream: allowed names will get SERVFAIL");
     }
+    let encrypted = args
+        .upstreams
+        .iter()
+        .any(|u| !matches!(u, UpstreamSpec::Plain(_)));
+    let tls_roots = match &args.upstream_ca {
+        Some(path) => {
+            if !encrypted {
+                tracing::warn!("--upstream-ca given but no tls:// or https:// upstream");
+            }
+            Some(Arc::new(secureops_dns::tls::load_ca_bundle(path)?))
+        }
+        None => None,
+    };
+    for u in &args.upstreams {
+        tracing::info!(upstream = %u, "upstream configured");
+    }
     let forwarder = Forwarder::new(ForwarderConfig {
         upstreams: args.upstreams.clone(),
         timeout: Duration::from_millis(args.upstream_timeout_ms.max(1)),
+        tls_roots,
         ..ForwarderConfig::default()
     })
     .await
-    .context("binding upstream sockets")?;
+    .context("setting up the upstreams")?;
 
     let context = match &args.pdp {
         Some(endpoint) => Some(ContextReporter::spawn(
