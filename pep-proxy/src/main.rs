@@ -1,5 +1,13 @@
 //! `secureops-proxy`: the egress PEP binary (explicit + transparent).
 
+/// mimalloc instead of glibc malloc: a tunnel's request, record, task and
+/// sockets are small short-lived allocations spread over the worker
+/// threads. Measured side by side with glibc (BENCHMARKS.md):
+/// ~10 % less CPU per tunnel and a smaller RSS per idle tunnel. (The DNS
+/// sinkhole measured slower with it and keeps glibc.)
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
