@@ -655,6 +655,7 @@ fn denied_name_is_never_looked_up_in_dns() {
     let dns = CountingDns::start();
     let up = CountingUpstream::start("127.0.0.1:0");
     let server = dns.addr.to_string();
+    // Also runs the single-threaded runtime (what the proxy picks on one core).
     let proxy = Proxy::spawn(&[
         "--allow",
         "allowed.test",
@@ -662,6 +663,8 @@ fn denied_name_is_never_looked_up_in_dns() {
         &server,
         "--metrics-listen",
         "127.0.0.1:0",
+        "--worker-threads",
+        "1",
     ]);
     let port = up.addr.port();
 
