@@ -55,7 +55,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 use prometheus_client::metrics::counter::Counter;
 use prost::Message;
@@ -165,12 +164,23 @@ struct Segment {
     bytes: u64,
 }
 
+/// Where an unacked record's payload lies in its segment file. The records
+/// themselves stay on disk (page cache): memory per unacked record is this
+/// index entry, not the record, so a long audit outage costs 24 bytes per
+/// attempt instead of a copy of every record.
+#[derive(Debug, Clone, Copy)]
+struct Loc {
+    seq: u64,
+    /// Offset of the payload (after the frame header) in the segment.
+    offset: u64,
+    len: u32,
+}
+
 #[derive(Debug)]
 struct State {
-    /// Unacked records (seq, encoded `AuditRecord`), ascending seq. Kept
-    /// encoded: a third of the memory of the decoded message, and the
-    /// decoding cost moves to the shipper, off the decision path.
-    unacked: VecDeque<(u64, Bytes)>,
+    /// Unacked records, ascending seq; the segment holding one is the first
+    /// whose `last_seq` ≥ its seq.
+    unacked: VecDeque<Loc>,
     /// Every record ≤ this was acknowledged.
     acked_through: u64,
     /// Watermark last written to the `acked` file.
@@ -319,7 +329,7 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
 
 /// Read every valid frame of a segment; truncate the file at the first bad
 /// one. Returns the records and the valid length.
-fn read_segment(path: &Path) -> io::Result<(Vec<(u64, Bytes)>, u64)> {
+fn read_segment(path: &Path) -> io::Result<(Vec<Loc>, u64)> {
     let mut f = OpenOptions::new().read(true).write(true).open(path)?;
     let mut buf = Vec::new();
     f.read_to_end(&mut buf)?;
@@ -343,7 +353,11 @@ fn read_segment(path: &Path) -> io::Result<(Vec<(u64, Bytes)>, u64)> {
             break;
         }
         match AuditRecord::decode(payload) {
-            Ok(r) => out.push((r.source_seq, Bytes::copy_from_slice(payload))),
+            Ok(r) => out.push(Loc {
+                seq: r.source_seq,
+                offset: (off + FRAME_HEADER) as u64,
+                len: len as u32,
+            }),
             Err(_) => {
                 bad = Some("undecodable record");
                 break;
@@ -363,6 +377,53 @@ fn read_segment(path: &Path) -> io::Result<(Vec<(u64, Bytes)>, u64)> {
         f.sync_all()?;
     }
     Ok((out, off as u64))
+}
+
+/// Read the frames at `locs` (ascending, all in the segment at `path`) with
+/// one `pread` of their span, check each frame's header and CRC, decode,
+/// and append to `out`. A frame that fails a check is logged and skipped
+/// (the file changed under us: it cannot be trusted, nor shipped).
+fn read_frames(path: &Path, locs: &[Loc], out: &mut Vec<AuditRecord>) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let (Some(first), Some(last)) = (locs.first(), locs.last()) else {
+        return Ok(());
+    };
+    let start = first.offset.saturating_sub(FRAME_HEADER as u64);
+    let end = last.offset + u64::from(last.len);
+    let span = usize::try_from(end.saturating_sub(start))
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "span too large"))?;
+    let mut buf = vec![0u8; span];
+    File::open(path)?.read_exact_at(&mut buf, start)?;
+    for l in locs {
+        let Some(at) = l.offset.checked_sub(start + FRAME_HEADER as u64) else {
+            continue;
+        };
+        let at = at as usize;
+        let len = l.len as usize;
+        let (Some(head), Some(payload)) = (
+            buf.get(at..at + FRAME_HEADER),
+            buf.get(at + FRAME_HEADER..at + FRAME_HEADER + len),
+        ) else {
+            tracing::error!(seq = l.seq, "audit spool: frame outside the read span");
+            continue;
+        };
+        let hlen = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        if hlen != len || crc32fast::hash(payload) != crc {
+            tracing::error!(seq = l.seq, path = %path.display(), "audit spool: frame changed on disk (length or CRC): not shipped");
+            continue;
+        }
+        match AuditRecord::decode(payload) {
+            Ok(r) if r.source_seq == l.seq => out.push(r),
+            Ok(r) => tracing::error!(
+                seq = l.seq,
+                found = r.source_seq,
+                "audit spool: frame holds another seq: not shipped"
+            ),
+            Err(e) => tracing::error!(seq = l.seq, error = %e, "audit spool: undecodable record"),
+        }
+    }
+    Ok(())
 }
 
 fn read_watermark(dir: &Path) -> io::Result<u64> {
@@ -449,9 +510,10 @@ impl AuditSpool {
             let (records, bytes) = read_segment(&path)?;
             let seg_last = records
                 .last()
-                .map(|(seq, _)| *seq)
+                .map(|l| l.seq)
                 .unwrap_or(first.saturating_sub(1));
-            for (seq, payload) in records {
+            for loc in records {
+                let seq = loc.seq;
                 if seq <= last_seq && seq <= watermark {
                     continue;
                 }
@@ -462,7 +524,7 @@ impl AuditSpool {
                     continue;
                 }
                 last_seq = seq;
-                unacked.push_back((seq, payload));
+                unacked.push_back(loc);
             }
             disk_bytes += bytes;
             segments.push_back(Segment {
@@ -693,28 +755,42 @@ impl AuditSpool {
     }
 
     /// Up to `max` unacked records with seq > `after`, ascending.
+    ///
+    /// Read back from the segment files (one `pread` per segment touched).
+    /// A record that can no longer be read is left out and logged: trimmed
+    /// meanwhile (then it was acknowledged), or a disk error (the shipper
+    /// asks again on its next round).
     pub fn unacked_after(&self, after: u64, max: usize) -> Vec<AuditRecord> {
-        let picked: Vec<Bytes> = {
+        let (picked, segments): (Vec<Loc>, Vec<Segment>) = {
             let st = self.shared.state.lock();
-            let start = st.unacked.partition_point(|(seq, _)| *seq <= after);
-            st.unacked
-                .iter()
-                .skip(start)
-                .take(max)
-                .map(|(_, b)| b.clone())
-                .collect()
+            let start = st.unacked.partition_point(|l| l.seq <= after);
+            let picked: Vec<Loc> = st.unacked.iter().skip(start).take(max).copied().collect();
+            let Some(first) = picked.first() else {
+                return Vec::new();
+            };
+            let from = st.segments.partition_point(|s| s.last_seq < first.seq);
+            (picked, st.segments.iter().skip(from).cloned().collect())
         };
-        picked
-            .into_iter()
-            .filter_map(|b| match AuditRecord::decode(b) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    // Cannot happen: we encoded it. Logged, not shipped.
-                    tracing::error!(error = %e, "audit spool: undecodable in-memory record");
-                    None
+        let mut out = Vec::with_capacity(picked.len());
+        let mut rest = picked.as_slice();
+        for seg in &segments {
+            let n = rest.partition_point(|l| l.seq <= seg.last_seq);
+            let (here, later) = rest.split_at(n);
+            rest = later;
+            if here.is_empty() {
+                continue;
+            }
+            if let Err(e) = read_frames(&seg.path, here, &mut out) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::error!(path = %seg.path.display(), error = %e, "audit spool: cannot read back unacked records");
                 }
-            })
-            .collect()
+                break;
+            }
+            if rest.is_empty() {
+                break;
+            }
+        }
+        out
     }
 
     /// Notified with the last written seq after every append.
@@ -738,7 +814,7 @@ impl AuditSpool {
             st.acked_through = next;
         }
         let through = st.acked_through;
-        while st.unacked.front().is_some_and(|(s, _)| *s <= through) {
+        while st.unacked.front().is_some_and(|l| l.seq <= through) {
             st.unacked.pop_front();
         }
         drop(st);
@@ -858,18 +934,23 @@ impl Shared {
                 return Err(SpoolError::Full { records, bytes });
             }
         }
-        let written = self.write(ap, &buf, first_seq, last_seq);
-        if let Err(e) = written {
-            ap.buf = buf;
-            tracing::error!(error = %e, "audit spool write failed");
-            return Err(SpoolError::Io(e));
-        }
+        let base = match self.write(ap, &buf, first_seq, last_seq) {
+            Ok(base) => base,
+            Err(e) => {
+                ap.buf = buf;
+                tracing::error!(error = %e, "audit spool write failed");
+                return Err(SpoolError::Io(e));
+            }
+        };
         ap.next_seq = last_seq + 1;
         {
             let mut st = self.state.lock();
             for &(seq, a, b) in &frames {
-                st.unacked
-                    .push_back((seq, Bytes::copy_from_slice(&buf[a..b])));
+                st.unacked.push_back(Loc {
+                    seq,
+                    offset: base + a as u64,
+                    len: (b - a) as u32,
+                });
             }
             self.metrics
                 .spool_unacked
@@ -955,13 +1036,15 @@ impl Shared {
         }
     }
 
+    /// Write `buf` at the end of the active segment (rotating first if it is
+    /// full); returns the segment offset `buf` starts at.
     fn write(
         &self,
         ap: &mut Appender,
         buf: &[u8],
         first_seq: u64,
         last_seq: u64,
-    ) -> io::Result<()> {
+    ) -> io::Result<u64> {
         let need_new = match &ap.active {
             None => true,
             Some(a) => a.len >= self.limits.segment_bytes,
@@ -982,7 +1065,7 @@ impl Shared {
                     seg.bytes += buf.len() as u64;
                     seg.last_seq = last_seq;
                 }
-                Ok(())
+                Ok(before)
             }
             Err(e) => {
                 // Cut the partial frame off so the next record starts on a
