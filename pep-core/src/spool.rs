@@ -678,11 +678,26 @@ impl AuditSpool {
         if findings.is_empty() {
             return Err(SpoolError::TooLarge(0));
         }
-        let bodies: Vec<Vec<u8>> = findings
-            .into_iter()
-            .map(|f| encode_body(f, String::new()))
-            .collect();
-        self.shared.append(bodies.iter().map(Vec::as_slice))
+        // One buffer for the whole batch, not one allocation per record.
+        let mut all = Vec::with_capacity(findings.len() * 192);
+        let mut ends = Vec::with_capacity(findings.len());
+        for f in findings {
+            let rec = AuditRecord {
+                source_id: String::new(),
+                source_seq: 0, // the writer prepends it (see `encode_body`)
+                finding: Some(f),
+                trace_parent: String::new(),
+            };
+            if let Err(e) = rec.encode(&mut all) {
+                // A Vec grows as needed: cannot happen.
+                tracing::error!(error = %e, "audit spool: record encoding failed");
+                return Err(SpoolError::TooLarge(all.len()));
+            }
+            ends.push(all.len());
+        }
+        let starts = std::iter::once(0).chain(ends.iter().copied());
+        self.shared
+            .append(starts.zip(ends.iter().copied()).map(|(a, b)| &all[a..b]))
     }
 
     /// Wait until every record ≤ `seq` is on stable storage.
