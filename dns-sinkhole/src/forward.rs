@@ -457,47 +457,26 @@ impl Forwarder {
         let mut last_err = ForwardError::NoUpstream;
         for k in 0..self.upstreams.len() {
             let up = &self.upstreams[(first + k) % self.upstreams.len()];
-            match up {
+            let (edns, timeout) = (self.cfg.edns_payload, self.cfg.timeout);
+            let res = match up {
                 Upstream::Plain(up) => match self.ask_udp(up, &question, dnssec_ok).await {
                     Ok(answer) if answer[2] & 0x02 != 0 => {
-                        match self.ask_tcp(up.addr, &question, dnssec_ok).await {
-                            Ok(a) => return Ok(a),
-                            Err(e) => last_err = e,
-                        }
+                        self.ask_tcp(up.addr, &question, dnssec_ok).await
                     }
-                    Ok(answer) => return Ok(answer),
-                    Err(e) => last_err = e,
+                    other => other,
                 },
                 Upstream::Tls(dot, _) => {
                     self.sent.fetch_add(1, Ordering::Relaxed);
-                    match dot
-                        .ask(
-                            &question,
-                            dnssec_ok,
-                            self.cfg.edns_payload,
-                            self.cfg.timeout,
-                        )
-                        .await
-                    {
-                        Ok(answer) => return Ok(answer),
-                        Err(e) => last_err = e,
-                    }
+                    dot.ask(&question, dnssec_ok, edns, timeout).await
                 }
                 Upstream::Https(doh, _) => {
                     self.sent.fetch_add(1, Ordering::Relaxed);
-                    match doh
-                        .ask(
-                            &question,
-                            dnssec_ok,
-                            self.cfg.edns_payload,
-                            self.cfg.timeout,
-                        )
-                        .await
-                    {
-                        Ok(answer) => return Ok(answer),
-                        Err(e) => last_err = e,
-                    }
+                    doh.ask(&question, dnssec_ok, edns, timeout).await
                 }
+            };
+            match res {
+                Ok(answer) => return Ok(answer),
+                Err(e) => last_err = e,
             }
             tracing::debug!(upstream = %up.addr(), error = %last_err, "upstream attempt failed");
         }

@@ -203,26 +203,35 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn start_dot(tls: Arc<rustls::ServerConfig>, mode: DotMode) -> Server {
+type ServerTls = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// A TLS server on 127.0.0.1:0 with its own runtime: every handshake that
+/// completes is counted as a connection and handed to `serve`.
+fn start_tls_server<F, Fut>(tls: Arc<rustls::ServerConfig>, serve: F) -> Server
+where
+    F: Fn(ServerTls, Arc<Counters>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let rt = runtime();
     let counters = Arc::new(Counters::default());
     let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = TlsAcceptor::from(tls);
     let c = counters.clone();
+    let serve = Arc::new(serve);
     rt.spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
             let acceptor = acceptor.clone();
-            let c = c.clone();
+            let (c, serve) = (c.clone(), serve.clone());
             tokio::spawn(async move {
                 let Ok(stream) = acceptor.accept(tcp).await else {
                     return;
                 };
                 c.connections.fetch_add(1, Ordering::SeqCst);
-                serve_dot(stream, c, mode).await;
+                serve(stream, c).await;
             });
         }
     });
@@ -233,11 +242,11 @@ fn start_dot(tls: Arc<rustls::ServerConfig>, mode: DotMode) -> Server {
     }
 }
 
-async fn serve_dot(
-    stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-    c: Arc<Counters>,
-    mode: DotMode,
-) {
+fn start_dot(tls: Arc<rustls::ServerConfig>, mode: DotMode) -> Server {
+    start_tls_server(tls, move |stream, c| serve_dot(stream, c, mode))
+}
+
+async fn serve_dot(stream: ServerTls, c: Arc<Counters>, mode: DotMode) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1024);
     let writer = tokio::spawn(async move {
@@ -293,39 +302,15 @@ async fn serve_dot(
 }
 
 fn start_doh(tls: Arc<rustls::ServerConfig>) -> Server {
-    let rt = runtime();
-    let counters = Arc::new(Counters::default());
-    let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let acceptor = TlsAcceptor::from(tls);
-    let c = counters.clone();
-    rt.spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let acceptor = acceptor.clone();
+    start_tls_server(tls, |stream, c| async move {
+        let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let c = c.clone();
-            tokio::spawn(async move {
-                let Ok(stream) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                c.connections.fetch_add(1, Ordering::SeqCst);
-                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let c = c.clone();
-                    async move { Ok::<_, std::convert::Infallible>(doh_handle(req, &c).await) }
-                });
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    Server {
-        addr,
-        counters,
-        rt: Some(rt),
-    }
+            async move { Ok::<_, std::convert::Infallible>(doh_handle(req, &c).await) }
+        });
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), svc)
+            .await;
+    })
 }
 
 async fn doh_handle(
@@ -408,6 +393,13 @@ fn doh_url(s: &Server, path: &str, name: &str) -> String {
 // Tests
 // ---------------------------------------------------------------------------
 
+/// `dig NAME A` through the sinkhole must answer NOERROR with exactly `want`.
+fn expect_a(addr: SocketAddr, name: &str, flags: &[&str], want: &[&str]) {
+    let d = dig(addr, name, "A", flags);
+    assert_eq!(d.status, "NOERROR", "{name}: {}", d.stdout);
+    assert_eq!(d.answers, want, "{name}: {}", d.stdout);
+}
+
 #[test]
 fn dot_allowed_name_is_answered_and_denied_name_never_sent() {
     if !have_dig() {
@@ -427,12 +419,8 @@ fn dot_allowed_name_is_answered_and_denied_name_never_sent() {
     assert_eq!(up.counters.queries(), 0);
     assert_eq!(up.counters.connections(), 0);
 
-    let d = dig(s.addr, "allowed.test", "A", &[]);
-    assert_eq!(d.status, "NOERROR", "{}", d.stdout);
-    assert_eq!(d.answers, vec!["192.0.2.10"], "{}", d.stdout);
-    let d = dig(s.addr, "n7.pipe.test", "A", &["+tcp"]);
-    assert_eq!(d.status, "NOERROR", "{}", d.stdout);
-    assert_eq!(d.answers, vec!["10.1.0.7"], "{}", d.stdout);
+    expect_a(s.addr, "allowed.test", &[], &["192.0.2.10"]);
+    expect_a(s.addr, "n7.pipe.test", &["+tcp"], &["10.1.0.7"]);
     // Upstream NXDOMAIN passes through.
     let d = dig(s.addr, "nope.pipe.test", "A", &[]);
     assert_eq!(d.status, "NXDOMAIN", "{}", d.stdout);
@@ -462,12 +450,8 @@ fn doh_allowed_name_is_answered_and_denied_name_never_sent() {
     assert_eq!(up.counters.queries(), 0);
     assert_eq!(up.counters.connections(), 0);
 
-    let d = dig(s.addr, "allowed.test", "A", &[]);
-    assert_eq!(d.status, "NOERROR", "{}", d.stdout);
-    assert_eq!(d.answers, vec!["192.0.2.10"], "{}", d.stdout);
-    let d = dig(s.addr, "n300.pipe.test", "A", &["+tcp"]);
-    assert_eq!(d.status, "NOERROR", "{}", d.stdout);
-    assert_eq!(d.answers, vec!["10.1.1.44"], "{}", d.stdout);
+    expect_a(s.addr, "allowed.test", &[], &["192.0.2.10"]);
+    expect_a(s.addr, "n300.pipe.test", &["+tcp"], &["10.1.1.44"]);
     let d = dig(s.addr, "nope.pipe.test", "A", &[]);
     assert_eq!(d.status, "NXDOMAIN", "{}", d.stdout);
     assert_eq!(up.counters.queries(), 3);
