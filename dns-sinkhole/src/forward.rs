@@ -228,15 +228,16 @@ struct PlainUpstream {
 
 enum Upstream {
     Plain(PlainUpstream),
-    Tls(DotUpstream, SocketAddr),
-    Https(DohUpstream, SocketAddr),
+    Tls(DotUpstream),
+    Https(DohUpstream),
 }
 
 impl Upstream {
     fn addr(&self) -> SocketAddr {
         match self {
             Upstream::Plain(p) => p.addr,
-            Upstream::Tls(_, a) | Upstream::Https(_, a) => *a,
+            Upstream::Tls(d) => d.addr,
+            Upstream::Https(d) => d.addr,
         }
     }
 }
@@ -342,55 +343,42 @@ impl Forwarder {
                 .clone()
                 .unwrap_or_else(|| Arc::new(crate::tls::default_roots()))
         };
-        let tls_err = |e: rustls::Error| io::Error::other(format!("TLS client setup: {e}"));
+        // One client config per ALPN set, shared by the upstreams that use it.
+        let config = |slot: &mut Option<Arc<rustls::ClientConfig>>, alpn: &[&[u8]]| {
+            if let Some(c) = slot {
+                return Ok(Arc::clone(c));
+            }
+            let c = crate::tls::client_config(roots(), alpn)
+                .map_err(|e| io::Error::other(format!("TLS client setup: {e}")))?;
+            *slot = Some(Arc::clone(&c));
+            Ok::<_, io::Error>(c)
+        };
+        let tls_name = |spec: &UpstreamSpec, addr: SocketAddr| {
+            spec.server_name().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, ForwardError::NoTlsName(addr))
+            })
+        };
         for (ui, spec) in cfg.upstreams.iter().enumerate() {
             let useed = seed ^ ((ui as u64) << 32);
             let upstream = match spec {
                 UpstreamSpec::Plain(addr) => {
                     Upstream::Plain(Self::plain_upstream(*addr, &cfg, useed)?)
                 }
-                UpstreamSpec::Tls { addr, .. } => {
-                    let name = spec.server_name().ok_or_else(|| {
-                        io::Error::new(io::ErrorKind::InvalidInput, ForwardError::NoTlsName(*addr))
-                    })?;
-                    let config = match &dot_config {
-                        Some(c) => Arc::clone(c),
-                        None => {
-                            let c = crate::tls::client_config(roots(), &[]).map_err(tls_err)?;
-                            dot_config = Some(c.clone());
-                            c
-                        }
-                    };
-                    Upstream::Tls(
-                        DotUpstream::new(*addr, name, config, cfg.stream_max_in_flight, useed),
-                        *addr,
-                    )
-                }
-                UpstreamSpec::Https { addr, path, .. } => {
-                    let name = spec.server_name().ok_or_else(|| {
-                        io::Error::new(io::ErrorKind::InvalidInput, ForwardError::NoTlsName(*addr))
-                    })?;
-                    let config = match &doh_config {
-                        Some(c) => Arc::clone(c),
-                        None => {
-                            let c =
-                                crate::tls::client_config(roots(), &[b"h2"]).map_err(tls_err)?;
-                            doh_config = Some(c.clone());
-                            c
-                        }
-                    };
-                    Upstream::Https(
-                        DohUpstream::new(
-                            *addr,
-                            path,
-                            name,
-                            config,
-                            cfg.stream_max_in_flight,
-                            cfg.timeout.max(Duration::from_secs(1)),
-                        )?,
-                        *addr,
-                    )
-                }
+                UpstreamSpec::Tls { addr, .. } => Upstream::Tls(DotUpstream::new(
+                    *addr,
+                    tls_name(spec, *addr)?,
+                    config(&mut dot_config, &[])?,
+                    cfg.stream_max_in_flight,
+                    useed,
+                )),
+                UpstreamSpec::Https { addr, path, .. } => Upstream::Https(DohUpstream::new(
+                    *addr,
+                    path,
+                    tls_name(spec, *addr)?,
+                    config(&mut doh_config, &[b"h2"])?,
+                    cfg.stream_max_in_flight,
+                    cfg.timeout.max(Duration::from_secs(1)),
+                )?),
             };
             upstreams.push(upstream);
         }
@@ -465,11 +453,11 @@ impl Forwarder {
                     }
                     other => other,
                 },
-                Upstream::Tls(dot, _) => {
+                Upstream::Tls(dot) => {
                     self.sent.fetch_add(1, Ordering::Relaxed);
                     dot.ask(&question, dnssec_ok, edns, timeout).await
                 }
-                Upstream::Https(doh, _) => {
+                Upstream::Https(doh) => {
                     self.sent.fetch_add(1, Ordering::Relaxed);
                     doh.ask(&question, dnssec_ok, edns, timeout).await
                 }

@@ -304,9 +304,22 @@ async fn dot_write_loop(
     shared.kill();
 }
 
+/// A slot among an upstream's bounded in-flight queries, waited for until
+/// the query's deadline (DoT and DoH alike).
+async fn in_flight_permit(
+    permits: &Semaphore,
+    addr: SocketAddr,
+    deadline: Instant,
+) -> Result<tokio::sync::SemaphorePermit<'_>, ForwardError> {
+    timeout_at(deadline, permits.acquire())
+        .await
+        .map_err(|_| ForwardError::Timeout(addr))?
+        .map_err(|_| ForwardError::Overloaded(addr))
+}
+
 /// One DoT upstream: a persistent, pipelined TLS connection.
 pub(crate) struct DotUpstream {
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     name: ServerName<'static>,
     connector: TlsConnector,
     slot: tokio::sync::Mutex<Option<Arc<DotConn>>>,
@@ -380,10 +393,7 @@ impl DotUpstream {
     ) -> Result<Vec<u8>, ForwardError> {
         let deadline = Instant::now() + timeout;
         let timed_out = |_| ForwardError::Timeout(self.addr);
-        let _permit = timeout_at(deadline, self.permits.acquire())
-            .await
-            .map_err(timed_out)?
-            .map_err(|_| ForwardError::Overloaded(self.addr))?;
+        let _permit = in_flight_permit(&self.permits, self.addr, deadline).await?;
         let mut retried = false;
         loop {
             let (conn, fresh) = timeout_at(deadline, self.connection())
@@ -413,7 +423,7 @@ const MAX_DOH_BODY: usize = 65_535;
 
 /// One DoH upstream: a persistent HTTP/2 connection.
 pub(crate) struct DohUpstream {
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     name: ServerName<'static>,
     connector: TlsConnector,
     uri: http::Uri,
@@ -519,10 +529,7 @@ impl DohUpstream {
         let addr = self.addr;
         let deadline = Instant::now() + timeout;
         let timed_out = |_| ForwardError::Timeout(addr);
-        let _permit = timeout_at(deadline, self.permits.acquire())
-            .await
-            .map_err(timed_out)?
-            .map_err(|_| ForwardError::Overloaded(addr))?;
+        let _permit = in_flight_permit(&self.permits, addr, deadline).await?;
         // RFC 8484 §4.1: id 0 (cache friendly); the question is still
         // matched.
         let query = Bytes::from(build_query(0, question, payload, dnssec_ok));

@@ -184,6 +184,17 @@ fn start_in(ns: Netns, extra: &[&str]) -> Option<(Netns, Proxy)> {
     Some((ns, proxy))
 }
 
+/// A ClientHello for `sni` sent to `dst` through the redirect is answered
+/// with nothing but a TCP RST.
+fn assert_hello_reset(ns: &Netns, dst: &str, sni: &str) {
+    let mut s = ns.connect(dst);
+    s.write_all(&build_client_hello(Some(sni), false, 1))
+        .unwrap();
+    let (data, reset) = read_to_end_or_reset(&mut s);
+    assert!(data.is_empty(), "{sni}: got {} bytes", data.len());
+    assert!(reset, "{sni}: expected a TCP RST");
+}
+
 #[test]
 fn allowed_sni_passes_through_the_redirect() {
     let Some((ns, proxy)) = setup(&[]) else {
@@ -230,12 +241,7 @@ fn denied_sni_gets_rst_and_the_upstream_sees_nothing() {
     assert_ne!(code, 0, "denied request succeeded");
     assert!(err.to_ascii_lowercase().contains("reset"), "curl: {err}");
 
-    let mut s = ns.connect("10.77.0.3:443");
-    s.write_all(&build_client_hello(Some("denied.test"), false, 1))
-        .unwrap();
-    let (data, reset) = read_to_end_or_reset(&mut s);
-    assert!(data.is_empty());
-    assert!(reset, "expected a TCP RST");
+    assert_hello_reset(&ns, "10.77.0.3:443", "denied.test");
 
     let recs = proxy.settled_audit(2);
     for r in &recs {
@@ -260,16 +266,7 @@ fn denied_sni_is_never_looked_up_in_dns() {
         return;
     };
     let up = CountingUpstream::from_listener(ns.listen("10.77.0.3:443"), false);
-    let mut s = ns.connect("10.77.0.3:443");
-    s.write_all(&build_client_hello(
-        Some("c2VjcmV0.attacker.test"),
-        false,
-        1,
-    ))
-    .unwrap();
-    let (data, reset) = read_to_end_or_reset(&mut s);
-    assert!(data.is_empty());
-    assert!(reset, "expected a TCP RST");
+    assert_hello_reset(&ns, "10.77.0.3:443", "c2VjcmV0.attacker.test");
     let recs = proxy.settled_audit(1);
     assert_eq!(recs[0]["decision"], "deny");
     assert_eq!(recs[0]["reason"], "not_in_allowlist", "{:#?}", recs[0]);
@@ -288,12 +285,7 @@ fn sni_not_resolving_to_the_original_destination_is_refused() {
     };
     let up = CountingUpstream::from_listener(ns.listen("10.77.0.3:443"), false);
     // allowed.test resolves to 10.77.0.2, the client went to 10.77.0.3.
-    let mut s = ns.connect("10.77.0.3:443");
-    s.write_all(&build_client_hello(Some("allowed.test"), false, 1))
-        .unwrap();
-    let (data, reset) = read_to_end_or_reset(&mut s);
-    assert!(data.is_empty());
-    assert!(reset, "expected a TCP RST");
+    assert_hello_reset(&ns, "10.77.0.3:443", "allowed.test");
     let recs = proxy.settled_audit(1);
     assert_eq!(recs[0]["decision"], "deny");
     assert_eq!(recs[0]["reason"], "host_ip_mismatch");
