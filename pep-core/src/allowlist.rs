@@ -1,5 +1,6 @@
 //! [`AllowlistPdp`]: a local, dependency-free PDP.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::net::IpAddr;
 
@@ -22,13 +23,17 @@ pub enum AllowlistError {
 /// Entries are exact names (`github.com`) or `*.suffix` patterns, which match
 /// any subdomain of `suffix` but never `suffix` itself. IP literals never
 /// match. Names are normalised (lowercase, trailing dot, IDNA → punycode).
+///
+/// The sets use `foldhash` rather than SipHash: their keys come from the
+/// operator's configuration and lookups never insert, so there is no
+/// hash-flooding surface, and the sinkhole asks once per DNS query.
 #[derive(Debug, Clone, Default)]
 pub struct AllowlistPdp {
-    exact: HashSet<String>,
+    exact: HashSet<String, foldhash::fast::RandomState>,
     /// `*.githubusercontent.com` is stored as `githubusercontent.com`; a host
     /// matches when one of its proper parent domains is in the set (one hash
     /// lookup per label, not a scan of every pattern).
-    suffixes: HashSet<String>,
+    suffixes: HashSet<String, foldhash::fast::RandomState>,
 }
 
 impl AllowlistPdp {
@@ -66,12 +71,15 @@ impl AllowlistPdp {
 
     /// Whether `host` (as seen on the wire) is allowed.
     pub fn allows(&self, host: &str) -> bool {
-        let Ok(host) = normalize_host(host) else {
+        let Ok(host) = normalize_host_cow(host) else {
             return false;
         };
-        self.exact.contains(&host)
+        let host: &str = &host;
+        self.exact.contains(host)
             || host
-                .match_indices('.')
+                .bytes()
+                .enumerate()
+                .filter(|&(_, b)| b == b'.')
                 .any(|(i, _)| self.suffixes.contains(&host[i + 1..]))
     }
 }
@@ -85,6 +93,53 @@ impl PolicyDecisionPoint for AllowlistPdp {
         };
         Box::pin(std::future::ready(outcome))
     }
+}
+
+/// [`normalize_host`] without an allocation when `raw` is already in
+/// normal form (what the DNS sinkhole and most clients send).
+fn normalize_host_cow(raw: &str) -> Result<Cow<'_, str>, String> {
+    let trimmed = raw.strip_suffix('.').unwrap_or(raw);
+    if is_normal_ldh(trimmed) {
+        Ok(Cow::Borrowed(trimmed))
+    } else {
+        normalize_host(raw).map(Cow::Owned)
+    }
+}
+
+/// Whether `name` is already what [`normalize_host`] would return for it:
+/// lowercase letters, digits and `-` in 1–63 byte labels, at most 253
+/// bytes, no label that IDNA would look at (leading / trailing `-`, `--` in
+/// positions 3–4), and a last label that is not an IP spelling. One pass,
+/// no allocation; anything else takes the full path.
+fn is_normal_ldh(name: &str) -> bool {
+    let b = name.as_bytes();
+    if b.is_empty() || b.len() > 253 {
+        return false;
+    }
+    let mut start = 0;
+    for i in 0..=b.len() {
+        let at_end = i == b.len();
+        if at_end || b[i] == b'.' {
+            let l = &b[start..i];
+            if l.is_empty()
+                || l.len() > 63
+                || l.first() == Some(&b'-')
+                || l.last() == Some(&b'-')
+                || l.get(2..4) == Some(b"--")
+            {
+                return false;
+            }
+            if at_end {
+                let ip_like = l.iter().all(u8::is_ascii_digit)
+                    || (l.starts_with(b"0x") && l[2..].iter().all(u8::is_ascii_hexdigit));
+                return !ip_like;
+            }
+            start = i + 1;
+        } else if !(b[i].is_ascii_lowercase() || b[i].is_ascii_digit() || b[i] == b'-') {
+            return false;
+        }
+    }
+    false
 }
 
 /// Normalise a host name: lowercase, one trailing dot stripped, IDNA →
@@ -164,6 +219,21 @@ mod tests {
                     Err(_) => prop_assert!(normalize_host(&name).is_err(), "{name:?} accepted"),
                 }
             }
+        }
+
+        /// The allocation-free shortcut accepts only names that are already
+        /// normal: the full normaliser returns them unchanged.
+        #[test]
+        fn normal_ldh_shortcut_is_exact(name in "[a-z0-9.\\-]{0,70}|[a-zA-Z0-9_.\\-]{0,12}|0x[0-9a-f]{0,3}") {
+            if is_normal_ldh(&name) {
+                prop_assert_eq!(normalize_host(&name), Ok(name.clone()));
+            }
+            let trimmed = name.strip_suffix('.').unwrap_or(&name);
+            prop_assert_eq!(
+                normalize_host_cow(&name).map(|c| c.into_owned()),
+                normalize_host(&name),
+                "{:?} trimmed {:?}", name, trimmed
+            );
         }
 
         /// Suffix lookup by label = the old scan over every pattern.
