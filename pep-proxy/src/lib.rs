@@ -467,9 +467,10 @@ impl EgressProxy {
         drop(first);
         let metrics = self.metrics.clone();
         let splice_after = self.cfg.splice_after;
+        let (mut client, mut upstream) = (client, upstream);
         tokio::spawn(async move {
             metrics.tunnels_active.inc();
-            let _ = tunnel::tunnel(&client, &upstream, splice_after).await;
+            let _ = tunnel::tunnel(&mut client, &mut upstream, splice_after).await;
             metrics.tunnels_active.dec();
         });
     }

@@ -23,9 +23,13 @@ use std::io;
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use nix::fcntl::{OFlag, SpliceFFlags, splice};
-use tokio::io::Interest;
+use tokio::io::{AsyncRead, Interest, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::ReadHalf;
 
 /// Bytes moved in each direction.
 #[derive(Debug, Default, Clone, Copy)]
@@ -46,12 +50,14 @@ const PIPE_SIZE: usize = 1024 * 1024;
 /// Pump bytes both ways until both directions finished or one failed.
 /// A direction switches to splice after `splice_after` bytes (`0` = never).
 pub async fn tunnel(
-    client: &TcpStream,
-    upstream: &TcpStream,
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
     splice_after: u64,
 ) -> io::Result<TunnelStats> {
-    let up = pump(client, upstream, splice_after);
-    let down = pump(upstream, client, splice_after);
+    let (client_r, client_w) = client.split();
+    let (upstream_r, upstream_w) = upstream.split();
+    let up = pump(client_r, upstream_w.as_ref(), splice_after);
+    let down = pump(upstream_r, client_w.as_ref(), splice_after);
     tokio::pin!(up, down);
     let mut stats = TunnelStats::default();
     let (mut up_done, mut down_done) = (false, false);
@@ -85,68 +91,70 @@ enum Step {
     /// `n` bytes read; the destination took only part: `rest` must still
     /// be written (after waiting for writability).
     Partial(usize, Vec<u8>),
-    /// Source drained (would block).
-    Drained,
     Failed(io::Error),
 }
 
 thread_local! {
-    /// Per-worker copy buffer. Used only between two awaits (never held
-    /// across one), so one buffer per thread serves every tunnel: no
+    /// Per-worker copy buffer. Used only inside one poll (never held
+    /// across an await), so one buffer per thread serves every tunnel: no
     /// allocation per readable event, and idle tunnels own no buffer.
     static SCRATCH: std::cell::RefCell<Box<[u8]>> =
         std::cell::RefCell::new(vec![0u8; BUF].into_boxed_slice());
 }
 
-fn copy_step(src: &TcpStream, dst: &TcpStream) -> Step {
+/// Read once from `src` (through `poll_read`, which marks the socket
+/// drained after a short read, so a small message costs one `recv`, not a
+/// second one that only says `EAGAIN`) and write what was read to `dst`.
+fn poll_copy(src: &mut ReadHalf<'_>, dst: &TcpStream, cx: &mut Context<'_>) -> Poll<Step> {
     SCRATCH.with(|cell| {
         let Ok(mut buf) = cell.try_borrow_mut() else {
-            // Unreachable (no await while borrowed); fail the tunnel rather
-            // than panic.
-            return Step::Failed(io::Error::other("tunnel scratch buffer busy"));
+            // Unreachable (never borrowed across a poll); fail the tunnel
+            // rather than panic.
+            return Poll::Ready(Step::Failed(io::Error::other(
+                "tunnel scratch buffer busy",
+            )));
         };
-        let n = match src.try_read(&mut buf[..]) {
-            Ok(0) => return Step::Eof,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Drained,
-            Err(e) => return Step::Failed(e),
-        };
-        match dst.try_write(&buf[..n]) {
+        let mut rb = ReadBuf::new(&mut buf[..]);
+        match Pin::new(&mut *src).poll_read(cx, &mut rb) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Step::Failed(e)),
+            Poll::Ready(Ok(())) => {}
+        }
+        let n = rb.filled().len();
+        if n == 0 {
+            return Poll::Ready(Step::Eof);
+        }
+        Poll::Ready(match dst.try_write(&buf[..n]) {
             Ok(m) if m == n => Step::Moved(n),
             Ok(0) => Step::Failed(io::ErrorKind::WriteZero.into()),
             Ok(m) => Step::Partial(n, buf[m..n].to_vec()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Partial(n, buf[..n].to_vec()),
             Err(e) => Step::Failed(e),
-        }
+        })
     })
 }
 
-async fn pump(src: &TcpStream, dst: &TcpStream, splice_after: u64) -> io::Result<u64> {
+async fn pump(mut src: ReadHalf<'_>, dst: &TcpStream, splice_after: u64) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
-        src.readable().await?;
-        loop {
-            match copy_step(src, dst) {
-                Step::Eof => {
-                    // Propagate the half-close; ignore ENOTCONN if the peer
-                    // already went away.
-                    let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
-                    return Ok(total);
-                }
-                Step::Moved(n) => total += n as u64,
-                Step::Partial(n, rest) => {
-                    write_all(dst, &rest).await?;
-                    total += n as u64;
-                }
-                Step::Drained => break,
-                Step::Failed(e) => return Err(e),
+        match std::future::poll_fn(|cx| poll_copy(&mut src, dst, cx)).await {
+            Step::Eof => {
+                // Propagate the half-close; ignore ENOTCONN if the peer
+                // already went away.
+                let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+                return Ok(total);
             }
+            Step::Moved(n) => total += n as u64,
+            Step::Partial(n, rest) => {
+                write_all(dst, &rest).await?;
+                total += n as u64;
+            }
+            Step::Failed(e) => return Err(e),
         }
         if splice_after > 0 && total >= splice_after {
-            match new_pipe() {
-                Ok(pipe) => return pump_splice(src, dst, pipe, total).await,
-                // No pipe (EMFILE...): keep copying.
-                Err(_) => continue,
+            // No pipe (EMFILE...): keep copying.
+            if let Ok(pipe) = new_pipe() {
+                return pump_splice(src.as_ref(), dst, pipe, total).await;
             }
         }
     }
@@ -230,10 +238,10 @@ mod tests {
     /// half-close in each direction; every byte arrives in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bulk_both_ways_with_splice_upgrade_and_half_close() {
-        let (mut client, proxy_client_side) = pair().await;
-        let (proxy_upstream_side, mut upstream) = pair().await;
+        let (mut client, mut proxy_client_side) = pair().await;
+        let (mut proxy_upstream_side, mut upstream) = pair().await;
         let t = tokio::spawn(async move {
-            tunnel(&proxy_client_side, &proxy_upstream_side, SPLICE_AFTER).await
+            tunnel(&mut proxy_client_side, &mut proxy_upstream_side, SPLICE_AFTER).await
         });
         let n = 5 * 1024 * 1024 + 17;
         let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
