@@ -277,7 +277,28 @@ fn question_span(msg: &[u8]) -> Option<std::ops::Range<usize>> {
 /// Build the upstream query: header (random id, RD), the client's question,
 /// and an OPT record advertising `payload` with the client's DO bit.
 pub(crate) fn build_query(id: u16, question: &[u8], payload: u16, dnssec_ok: bool) -> Vec<u8> {
-    let mut q = Vec::with_capacity(12 + question.len() + 11);
+    build_query_padded(id, question, payload, dnssec_ok, None)
+}
+
+/// Queries sent over TLS (DoT, DoH) are padded to a multiple of this many
+/// bytes: the block-length strategy RFC 8467 recommends for queries, so the
+/// length of the encrypted record no longer tells an on-path observer how
+/// long the name is.
+pub(crate) const QUERY_PAD_BLOCK: usize = 128;
+
+/// [`build_query`], with an EDNS(0) Padding option (RFC 7830) that makes
+/// the whole message a multiple of `pad_block` bytes when one is given.
+pub(crate) fn build_query_padded(
+    id: u16,
+    question: &[u8],
+    payload: u16,
+    dnssec_ok: bool,
+    pad_block: Option<usize>,
+) -> Vec<u8> {
+    const PADDING: u16 = 12; // EDNS option code (RFC 7830)
+    let unpadded = 12 + question.len() + 11;
+    let pad = pad_block.map(|b| (b - (unpadded + 4) % b) % b);
+    let mut q = Vec::with_capacity(unpadded + pad.map_or(0, |p| 4 + p));
     q.extend_from_slice(&id.to_be_bytes());
     q.extend_from_slice(&[0x01, 0x00]); // RD
     q.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 1]); // QD=1 AN=0 NS=0 AR=1
@@ -287,7 +308,17 @@ pub(crate) fn build_query(id: u16, question: &[u8], payload: u16, dnssec_ok: boo
     q.extend_from_slice(&payload.to_be_bytes());
     q.extend_from_slice(&[0, 0]); // extended rcode, version
     q.extend_from_slice(&(if dnssec_ok { 0x8000u16 } else { 0 }).to_be_bytes());
-    q.extend_from_slice(&[0, 0]); // rdlen
+    match pad {
+        // (A question is at most 259 bytes and the block 128: both fit u16.)
+        Some(p) => {
+            let p16 = u16::try_from(p).unwrap_or(0);
+            q.extend_from_slice(&(4 + p16).to_be_bytes()); // rdlen
+            q.extend_from_slice(&PADDING.to_be_bytes());
+            q.extend_from_slice(&p16.to_be_bytes());
+            q.resize(q.len() + usize::from(p16), 0);
+        }
+        None => q.extend_from_slice(&[0, 0]), // rdlen
+    }
     q
 }
 
@@ -367,7 +398,7 @@ impl Forwarder {
                 UpstreamSpec::Tls { addr, .. } => Upstream::Tls(DotUpstream::new(
                     *addr,
                     tls_name(spec, *addr)?,
-                    config(&mut dot_config, &[])?,
+                    config(&mut dot_config, &[b"dot"])?,
                     cfg.stream_max_in_flight,
                     useed,
                 )),
@@ -541,6 +572,39 @@ impl Forwarder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Padded queries are whole blocks, still parse as one question with
+    /// an OPT record (payload, DO bit kept) and carry the Padding option.
+    #[test]
+    fn padded_queries_fill_whole_blocks() {
+        use hickory_server::proto::op::{Edns, Message};
+        use hickory_server::proto::rr::rdata::opt::EdnsCode;
+        for label_len in 1..=63usize {
+            for labels in 1..=3usize {
+                let mut q = Vec::new();
+                for _ in 0..labels {
+                    q.push(label_len as u8);
+                    q.extend(std::iter::repeat_n(b'a', label_len));
+                }
+                q.extend_from_slice(&[0, 0, 1, 0, 1]);
+                let msg = build_query_padded(9, &q, 1232, true, Some(QUERY_PAD_BLOCK));
+                assert!(
+                    msg.len().is_multiple_of(QUERY_PAD_BLOCK),
+                    "{label_len}x{labels}"
+                );
+                assert_eq!(question_span(&msg), Some(12..12 + q.len()));
+                let parsed = Message::from_vec(&msg).expect("padded query parses");
+                assert_eq!(parsed.queries.len(), 1);
+                let edns: &Edns = parsed.edns.as_ref().expect("OPT record");
+                assert_eq!(edns.max_payload(), 1232);
+                assert!(edns.flags().dnssec_ok);
+                assert!(edns.option(EdnsCode::Padding).is_some());
+            }
+        }
+        // Unpadded (plain UDP/TCP upstreams): no option at all.
+        let plain = build_query(9, &[1, b'a', 0, 0, 1, 0, 1], 1232, false);
+        assert_eq!(plain.len(), 12 + 7 + 11);
+    }
 
     #[test]
     fn question_span_and_match() {

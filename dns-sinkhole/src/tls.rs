@@ -47,7 +47,9 @@ use tokio::time::{Instant, timeout_at};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::forward::{ForwardError, PendingTable, RegisterError, build_query};
+use crate::forward::{
+    ForwardError, PendingTable, QUERY_PAD_BLOCK, RegisterError, build_query_padded,
+};
 
 /// The DoH media type (RFC 8484 §6).
 pub const DNS_MESSAGE: &str = "application/dns-message";
@@ -198,7 +200,7 @@ impl DotConn {
             id,
             armed: true,
         };
-        let query = build_query(id, question, payload, dnssec_ok);
+        let query = build_query_padded(id, question, payload, dnssec_ok, Some(QUERY_PAD_BLOCK));
         let len = u16::try_from(query.len()).map_err(|_| ForwardError::BadAnswer(addr))?;
         let mut frame = Vec::with_capacity(query.len() + 2);
         frame.extend_from_slice(&len.to_be_bytes());
@@ -532,7 +534,13 @@ impl DohUpstream {
         let _permit = in_flight_permit(&self.permits, addr, deadline).await?;
         // RFC 8484 §4.1: id 0 (cache friendly); the question is still
         // matched.
-        let query = Bytes::from(build_query(0, question, payload, dnssec_ok));
+        let query = Bytes::from(build_query_padded(
+            0,
+            question,
+            payload,
+            dnssec_ok,
+            Some(QUERY_PAD_BLOCK),
+        ));
         let mut retried = false;
         loop {
             let (generation, mut sender, fresh) = timeout_at(deadline, self.connection())

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use common::{Sinkhole, dig};
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::rdata::opt::EdnsCode;
 use hickory_proto::rr::{RData, Record, RecordType};
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
@@ -156,7 +157,12 @@ fn answer(query: &[u8]) -> Option<(Vec<u8>, String)> {
 #[derive(Default)]
 struct Counters {
     queries: AtomicUsize,
+    /// Queries that were not a whole number of 128-byte blocks with an
+    /// EDNS Padding option (RFC 7830 / 8467).
+    unpadded: AtomicUsize,
     connections: AtomicUsize,
+    /// Connections on which ALPN `dot` was negotiated.
+    alpn_dot: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
 }
@@ -167,6 +173,22 @@ impl Counters {
     }
     fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
+    }
+    fn unpadded(&self) -> usize {
+        self.unpadded.load(Ordering::SeqCst)
+    }
+    /// Count `query` as unpadded unless it is whole 128-byte blocks and
+    /// carries the Padding option.
+    fn check_padding(&self, query: &[u8]) {
+        let padded = query.len().is_multiple_of(128)
+            && Message::from_vec(query).is_ok_and(|m| {
+                m.edns
+                    .as_ref()
+                    .is_some_and(|e| e.option(EdnsCode::Padding).is_some())
+            });
+        if !padded {
+            self.unpadded.fetch_add(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -231,6 +253,9 @@ where
                     return;
                 };
                 c.connections.fetch_add(1, Ordering::SeqCst);
+                if stream.get_ref().1.alpn_protocol() == Some(b"dot") {
+                    c.alpn_dot.fetch_add(1, Ordering::SeqCst);
+                }
                 serve(stream, c).await;
             });
         }
@@ -275,6 +300,7 @@ async fn serve_dot(stream: ServerTls, c: Arc<Counters>, mode: DotMode) {
             continue;
         }
         answered += 1;
+        c.check_padding(&q);
         let Some((resp, name)) = answer(&q) else {
             break;
         };
@@ -344,6 +370,7 @@ async fn doh_handle(
         return status(400);
     };
     let mut query = body.to_bytes().to_vec();
+    c.check_padding(&query);
     if path == "/other-question" {
         query = common::query_bytes(0, "allowed.test", RecordType::A);
     }
@@ -407,7 +434,7 @@ fn dot_allowed_name_is_answered_and_denied_name_never_sent() {
     }
     let ca = Ca::new("test ca");
     let ca_file = write_ca(&ca);
-    let up = start_dot(server_config(&ca, &[]), DotMode::Normal);
+    let up = start_dot(server_config(&ca, &[b"dot"]), DotMode::Normal);
     let s = sinkhole(&[dot_url(&up, TLS_NAME)], &ca_file, &[]);
 
     // Denied first: nothing may reach (or even connect to) the upstream.
@@ -425,8 +452,11 @@ fn dot_allowed_name_is_answered_and_denied_name_never_sent() {
     let d = dig(s.addr, "nope.pipe.test", "A", &[]);
     assert_eq!(d.status, "NXDOMAIN", "{}", d.stdout);
     assert_eq!(up.counters.queries(), 3);
-    // One persistent connection for all of them.
+    // One persistent connection for all of them, ALPN "dot" (RFC 7858),
+    // every query padded to whole 128-byte blocks (RFC 8467).
     assert_eq!(up.counters.connections(), 1);
+    assert_eq!(up.counters.alpn_dot.load(Ordering::SeqCst), 1);
+    assert_eq!(up.counters.unpadded(), 0);
 
     // Verification against the IP (no #name): the cert has IP SAN 127.0.0.1.
     drop(s);
@@ -456,6 +486,7 @@ fn doh_allowed_name_is_answered_and_denied_name_never_sent() {
     assert_eq!(d.status, "NXDOMAIN", "{}", d.stdout);
     assert_eq!(up.counters.queries(), 3);
     assert_eq!(up.counters.connections(), 1);
+    assert_eq!(up.counters.unpadded(), 0);
 
     // The default path (/dns-query) when none is given.
     drop(s);

@@ -110,9 +110,7 @@ fn poll_copy(src: &mut ReadHalf<'_>, dst: &TcpStream, cx: &mut Context<'_>) -> P
         let Ok(mut buf) = cell.try_borrow_mut() else {
             // Unreachable (never borrowed across a poll); fail the tunnel
             // rather than panic.
-            return Poll::Ready(Step::Failed(io::Error::other(
-                "tunnel scratch buffer busy",
-            )));
+            return Poll::Ready(Step::Failed(io::Error::other("tunnel scratch buffer busy")));
         };
         let mut rb = ReadBuf::new(&mut buf[..]);
         match Pin::new(&mut *src).poll_read(cx, &mut rb) {
@@ -241,7 +239,12 @@ mod tests {
         let (mut client, mut proxy_client_side) = pair().await;
         let (mut proxy_upstream_side, mut upstream) = pair().await;
         let t = tokio::spawn(async move {
-            tunnel(&mut proxy_client_side, &mut proxy_upstream_side, SPLICE_AFTER).await
+            tunnel(
+                &mut proxy_client_side,
+                &mut proxy_upstream_side,
+                SPLICE_AFTER,
+            )
+            .await
         });
         let n = 5 * 1024 * 1024 + 17;
         let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
