@@ -63,7 +63,9 @@ impl AuditSink for AuditSpool {
         if findings.is_empty() {
             return Box::pin(std::future::ready(Ok(())));
         }
-        let written = self.append_batch(findings);
+        let written = self.append_findings(&findings);
+        // Written (or refused): the records' buffers serve the next batch.
+        crate::fastpath::recycle(findings);
         Box::pin(async move {
             let seqs = written.map_err(|e| AuditError(e.to_string()))?;
             if self.sync_policy() == SpoolSync::Always {

@@ -76,6 +76,38 @@ struct Scratch {
     addrs: Vec<Option<SockaddrStorage>>,
     send_headers: Option<MultiHeaders<SockaddrStorage>>,
     recv_headers: Option<MultiHeaders<SockaddrStorage>>,
+    /// Audit records already written to the spool, kept so the next
+    /// queries' records reuse their string buffers (see [`recycle`]).
+    spent: Vec<AuditFinding>,
+    /// The emptied container of the last written batch.
+    findings: Vec<AuditFinding>,
+}
+
+/// Spent records kept per thread: a few batches' worth.
+const SPENT_MAX: usize = 4 * BATCH;
+
+/// Give written records back to this thread's pool. Called by the spool
+/// sink right after the batch's `write(2)`; every field of a recycled
+/// record is overwritten before it is used again
+/// ([`DnsSinkhole::fill_finding`]).
+pub(crate) fn recycle(mut written: Vec<AuditFinding>) {
+    SCRATCH.with(|cell| {
+        let Ok(mut s) = cell.try_borrow_mut() else {
+            return; // (never borrowed here; dropping is always correct)
+        };
+        let room = SPENT_MAX.saturating_sub(s.spent.len());
+        s.spent.extend(written.drain(..).take(room));
+        written.clear();
+        if written.capacity() > s.findings.capacity() {
+            s.findings = written;
+        }
+    });
+}
+
+fn spent_finding() -> AuditFinding {
+    SCRATCH
+        .with(|cell| cell.try_borrow_mut().ok().and_then(|mut s| s.spent.pop()))
+        .unwrap_or_default()
 }
 
 thread_local! {
@@ -97,23 +129,24 @@ pub(crate) struct Decided {
 enum Step {
     Slow,
     Pending,
-    Decided(Decided, AuditFinding),
-}
-
-fn udp_req(sink: &DnsSinkhole, host: String, process: ProcessIdentity) -> ConnectionRequest {
-    sink.dns_request(host, process, Transport::Udp)
+    /// Decided; its audit record is in the slot the step was given.
+    Decided(Decided),
 }
 
 impl DnsSinkhole {
-    /// Policy step of one plain query (see the module documentation).
+    /// Policy step of one plain query (see the module documentation). A
+    /// decided query's audit record is written into `slot` (a recycled
+    /// record in the batch's vector: filled in place, never moved).
     fn fast_decide(
         self: &Arc<Self>,
         socket: &Arc<UdpSocket>,
         q: Query,
         src: SocketAddr,
         ts: i64,
+        slot: &mut AuditFinding,
     ) -> Step {
-        let mut host = String::with_capacity(q.qname().len());
+        let mut host = std::mem::take(&mut slot.host);
+        host.clear();
         if !q.normalized_name(&mut host) {
             return Step::Slow;
         }
@@ -135,7 +168,13 @@ impl DnsSinkhole {
             },
             None => ProcessIdentity::default(),
         };
-        let req = udp_req(self, host, process);
+        let req = self.dns_request_in(
+            host,
+            std::mem::take(&mut slot.request_id),
+            std::mem::take(&mut slot.workload_id),
+            process,
+            Transport::Udp,
+        );
         if !self.cfg.pdp_uses_process {
             // The standalone AllowlistPdp answers at once: decide on the
             // stack, no boxed future.
@@ -148,11 +187,11 @@ impl DnsSinkhole {
             };
             if let Poll::Ready(outcome) = ready {
                 let v = self.verdict(&req, outcome);
-                let (d, mut f) = self.decided(q, src, req, v, ts);
+                let d = self.decided(slot, q, src, req, v, ts);
                 if let Some(p) = exe {
-                    f.exe.clone_from(&p.exe);
+                    slot.exe.clone_from(&p.exe);
                 }
-                return Step::Decided(d, f);
+                return Step::Decided(d);
             }
             // Not ready after all (a PDP wrapper that waits): decide again
             // in a task of its own, below.
@@ -164,11 +203,11 @@ impl DnsSinkhole {
         });
         match poll_once(&mut fut) {
             Poll::Ready((req, v)) => {
-                let (d, mut f) = self.decided(q, src, req, v, ts);
+                let d = self.decided(slot, q, src, req, v, ts);
                 if let Some(p) = exe {
-                    f.exe.clone_from(&p.exe);
+                    slot.exe.clone_from(&p.exe);
                 }
-                Step::Decided(d, f)
+                Step::Decided(d)
             }
             Poll::Pending => {
                 let this = self.clone();
@@ -182,14 +221,17 @@ impl DnsSinkhole {
         }
     }
 
+    /// The decided query; its audit record is written into `f` (a
+    /// recycled or new record; every field is overwritten).
     fn decided(
         &self,
+        f: &mut AuditFinding,
         q: Query,
         src: SocketAddr,
         req: ConnectionRequest,
         v: Verdict,
         ts: i64,
-    ) -> (Decided, AuditFinding) {
+    ) -> Decided {
         let allow = v.outcome.decision.is_allow();
         let cause = v.cause;
         // The name is only needed again to serve an allowed answer.
@@ -201,17 +243,14 @@ impl DnsSinkhole {
         if !allow {
             self.count(v.outcome.decision, cause, Protocol::Udp);
         }
-        let finding = self.finding_from(req, v, ts);
-        (
-            Decided {
-                q,
-                src,
-                host,
-                allow,
-                cause,
-            },
-            finding,
-        )
+        self.fill_finding(f, req, v, ts);
+        Decided {
+            q,
+            src,
+            host,
+            allow,
+            cause,
+        }
     }
 
     /// A query whose decision was not ready at once: audit and answer it
@@ -225,7 +264,8 @@ impl DnsSinkhole {
         v: Verdict,
         exe: Option<Arc<ProcessIdentity>>,
     ) {
-        let (d, mut f) = self.decided(q, src, req, v, now_nanos());
+        let mut f = AuditFinding::default();
+        let d = self.decided(&mut f, q, src, req, v, now_nanos());
         if let Some(p) = exe {
             f.exe.clone_from(&p.exe);
         }
@@ -265,7 +305,9 @@ impl DnsSinkhole {
         meta: &[(usize, Option<SocketAddr>)],
     ) {
         let mut decided = SCRATCH.with(|s| std::mem::take(&mut s.borrow_mut().decided));
-        let mut findings = Vec::with_capacity(meta.len());
+        let mut findings = SCRATCH.with(|s| std::mem::take(&mut s.borrow_mut().findings));
+        findings.clear();
+        findings.reserve(meta.len());
         // One receive time for the batch (it arrived with one recvmmsg).
         let ts = now_nanos();
         for (i, &(n, src)) in meta.iter().enumerate() {
@@ -284,15 +326,23 @@ impl DnsSinkhole {
                     continue;
                 }
             };
-            match self.fast_decide(socket, q, src, ts) {
-                Step::Decided(d, f) => {
-                    decided.push(d);
-                    findings.push(f);
-                }
+            // The next record slot: a recycled record at the end of the
+            // batch's vector, kept there once the query is decided (so
+            // `findings[k]` stays the record of `decided[k]`).
+            if findings.len() == decided.len() {
+                findings.push(spent_finding());
+            }
+            let Some(slot) = findings.last_mut() else {
+                continue;
+            };
+            match self.fast_decide(socket, q, src, ts, slot) {
+                Step::Decided(d) => decided.push(d),
                 Step::Pending => {}
                 Step::Slow => spawn_slow(self.clone(), socket.clone(), raw.to_vec(), src),
             }
         }
+        // An unused last slot is not a record.
+        findings.truncate(decided.len());
         self.audit_and_respond(socket, &mut decided, findings);
         decided.clear();
         SCRATCH.with(|s| s.borrow_mut().decided = decided);

@@ -220,9 +220,24 @@ impl DnsSinkhole {
         process: ProcessIdentity,
         transport: Transport,
     ) -> ConnectionRequest {
+        self.dns_request_in(host, String::new(), String::new(), process, transport)
+    }
+
+    /// [`Self::dns_request`] writing the request id and workload into the
+    /// given (recycled) buffers instead of new allocations.
+    pub(crate) fn dns_request_in(
+        &self,
+        host: String,
+        mut request_id: String,
+        mut workload_id: String,
+        process: ProcessIdentity,
+        transport: Transport,
+    ) -> ConnectionRequest {
+        self.write_request_id(&mut request_id);
+        workload_id.clone_from(&self.cfg.workload_id);
         ConnectionRequest {
-            request_id: self.request_id(),
-            workload_id: self.cfg.workload_id.clone(),
+            request_id,
+            workload_id,
             process,
             host,
             port: 53,
@@ -234,12 +249,17 @@ impl DnsSinkhole {
     }
 
     pub(crate) fn request_id(&self) -> String {
+        let mut id = String::with_capacity(self.boot.len() + 20);
+        self.write_request_id(&mut id);
+        id
+    }
+
+    fn write_request_id(&self, id: &mut String) {
         use std::fmt::Write;
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let mut id = String::with_capacity(self.boot.len() + 20);
+        id.clear();
         id.push_str(&self.boot);
         let _ = write!(id, "{n}");
-        id
     }
 
     /// Policy: PDP (bounded), fail mode, then the exfiltration budget.
@@ -317,35 +337,78 @@ impl DnsSinkhole {
     }
 
     /// [`Self::finding`] consuming the request and verdict (moves the
-    /// strings instead of cloning them: the UDP fast path's hot path).
-    pub(crate) fn finding_from(&self, req: ConnectionRequest, v: Verdict, ts: i64) -> AuditFinding {
-        let o = v.outcome;
-        AuditFinding {
-            timestamp_unix_nanos: ts,
-            pep_kind: "dns".into(),
-            pep_id: self.cfg.pep_id.clone(),
-            workload_id: req.workload_id,
-            pid: req.process.pid,
-            process_start_time: req.process.start_time,
-            exe: req.process.exe,
-            uid: req.process.uid,
-            host: req.host,
-            host_source: req.host_source as i32,
-            port: u32::from(req.port),
-            dialled_ip: String::new(),
-            transport: req.transport as i32,
-            decision: o.decision.to_proto() as i32,
-            reason: o.reason,
-            rule_id: o.rule_id,
-            policy_version: o.policy_version,
-            fail_closed_cause: o.fail_closed_cause.unwrap_or_default(),
-            escalation_id: o.escalation_id,
-            request_id: req.request_id,
-            would_deny: o.would_deny,
-            fail_mode: self.cfg.fail_mode.as_str().into(),
-            trace_id: String::new(),
-            detail: v.detail.into(),
+    /// strings instead of cloning them: the UDP fast path's hot path), into
+    /// `f`, overwriting every field: `f` may be a recycled record of an earlier query (the fast
+    /// path reuses records so their strings keep their buffers). The
+    /// destructuring names every field, so a field added to the proto does
+    /// not compile here until it is set, and stale data cannot leak from
+    /// one query's record into the next.
+    pub(crate) fn fill_finding(
+        &self,
+        f: &mut AuditFinding,
+        req: ConnectionRequest,
+        v: Verdict,
+        ts: i64,
+    ) {
+        fn set(dst: &mut String, s: &str) {
+            dst.clear();
+            dst.push_str(s);
         }
+        let o = v.outcome;
+        let AuditFinding {
+            timestamp_unix_nanos,
+            pep_kind,
+            pep_id,
+            workload_id,
+            pid,
+            process_start_time,
+            exe,
+            uid,
+            host,
+            host_source,
+            port,
+            dialled_ip,
+            transport,
+            decision,
+            reason,
+            rule_id,
+            policy_version,
+            fail_closed_cause,
+            escalation_id,
+            request_id,
+            would_deny,
+            fail_mode,
+            trace_id,
+            detail,
+        } = f;
+        *timestamp_unix_nanos = ts;
+        set(pep_kind, "dns");
+        set(pep_id, &self.cfg.pep_id);
+        *workload_id = req.workload_id;
+        *pid = req.process.pid;
+        *process_start_time = req.process.start_time;
+        if req.process.exe.is_empty() {
+            exe.clear(); // keep the buffer for the caller's `clone_from`
+        } else {
+            *exe = req.process.exe;
+        }
+        *uid = req.process.uid;
+        *host = req.host;
+        *host_source = req.host_source as i32;
+        *port = u32::from(req.port);
+        dialled_ip.clear();
+        *transport = req.transport as i32;
+        *decision = o.decision.to_proto() as i32;
+        *reason = o.reason;
+        *rule_id = o.rule_id;
+        *policy_version = o.policy_version;
+        *fail_closed_cause = o.fail_closed_cause.unwrap_or_default();
+        *escalation_id = o.escalation_id;
+        *request_id = req.request_id;
+        *would_deny = o.would_deny;
+        set(fail_mode, self.cfg.fail_mode.as_str());
+        trace_id.clear();
+        set(detail, v.detail);
     }
 
     pub(crate) fn count(&self, decision: Decision, cause: &'static str, protocol: Protocol) {
