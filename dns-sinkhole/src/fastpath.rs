@@ -14,7 +14,10 @@
 //!    [`AuditSink::record_batch`] call — before any answer of the batch
 //!    leaves (allowed answers wait for it; sinkholed answers only need it
 //!    queued with `--audit-async-deny`). A failed write sinkholes every
-//!    query of the batch (`fail_closed:audit_spool`);
+//!    query of the batch (`fail_closed:audit_spool`). The records are
+//!    recycled: written ones go back to a per-thread pool ([`recycle`])
+//!    and the next queries' records are filled in place from it, every
+//!    field overwritten, so a query allocates no audit strings;
 //! 4. answers are built from wire bytes (sinkhole answers directly, allowed
 //!    names from the wire form of the cached upstream answer with TTLs
 //!    patched) and sent with one `sendmmsg`. An allowed name without a
