@@ -63,7 +63,7 @@ impl AuditSink for AuditSpool {
         if findings.is_empty() {
             return Box::pin(std::future::ready(Ok(())));
         }
-        let written = self.append_findings(&findings);
+        let written = self.append_batch(&findings);
         // Written (or refused): the records' buffers serve the next batch.
         crate::fastpath::recycle(findings);
         Box::pin(async move {

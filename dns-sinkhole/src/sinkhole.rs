@@ -137,6 +137,7 @@ pub struct SinkholeParts {
 }
 
 /// Outcome of the policy part of one query.
+#[derive(Clone)]
 pub(crate) struct Verdict {
     pub(crate) outcome: PdpOutcome,
     pub(crate) cause: &'static str,
@@ -306,39 +307,17 @@ impl DnsSinkhole {
         }
     }
 
+    /// The audit record of `req`'s verdict, stamped now (the hickory path;
+    /// the fast path fills recycled records with [`Self::fill_finding`]).
     pub(crate) fn finding(&self, req: &ConnectionRequest, v: &Verdict) -> AuditFinding {
-        let o = &v.outcome;
-        AuditFinding {
-            timestamp_unix_nanos: now_nanos(),
-            pep_kind: "dns".into(),
-            pep_id: self.cfg.pep_id.clone(),
-            workload_id: req.workload_id.clone(),
-            pid: req.process.pid,
-            process_start_time: req.process.start_time,
-            exe: req.process.exe.clone(),
-            uid: req.process.uid,
-            host: req.host.clone(),
-            host_source: req.host_source as i32,
-            port: u32::from(req.port),
-            dialled_ip: String::new(),
-            transport: req.transport as i32,
-            decision: o.decision.to_proto() as i32,
-            reason: o.reason.clone(),
-            rule_id: o.rule_id.clone(),
-            policy_version: o.policy_version,
-            fail_closed_cause: o.fail_closed_cause.clone().unwrap_or_default(),
-            escalation_id: o.escalation_id.clone(),
-            request_id: req.request_id.clone(),
-            would_deny: o.would_deny,
-            fail_mode: self.cfg.fail_mode.as_str().into(),
-            trace_id: String::new(),
-            detail: v.detail.into(),
-        }
+        let mut f = AuditFinding::default();
+        self.fill_finding(&mut f, req.clone(), v.clone(), now_nanos());
+        f
     }
 
-    /// [`Self::finding`] consuming the request and verdict (moves the
-    /// strings instead of cloning them: the UDP fast path's hot path), into
-    /// `f`, overwriting every field: `f` may be a recycled record of an earlier query (the fast
+    /// Write the audit record of `req`'s verdict into `f`, consuming both
+    /// (their strings move instead of being cloned) and overwriting every
+    /// field: `f` may be a recycled record of an earlier query (the fast
     /// path reuses records so their strings keep their buffers). The
     /// destructuring names every field, so a field added to the proto does
     /// not compile here until it is set, and stale data cannot leak from

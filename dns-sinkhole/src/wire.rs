@@ -238,7 +238,10 @@ impl Query {
             i += 1 + len;
         }
         let host_len = out.len() - start;
-        if host_len == 0 || host_len > MAX_HOST || ip_spelling(&out.as_bytes()[last]) {
+        if host_len == 0
+            || host_len > MAX_HOST
+            || secureops_pep::is_ip_spelling(&out.as_bytes()[last])
+        {
             out.truncate(start);
             return false;
         }
@@ -265,12 +268,6 @@ impl Query {
         }
         out
     }
-}
-
-/// An all-numeric or `0x`-hex last label: an IP spelling, never a host.
-fn ip_spelling(last: &[u8]) -> bool {
-    last.iter().all(u8::is_ascii_digit)
-        || (last.len() >= 2 && &last[..2] == b"0x" && last[2..].iter().all(u8::is_ascii_hexdigit))
 }
 
 /// Header + echoed question of a response to `q` (counts: 1 question,

@@ -95,6 +95,15 @@ impl PolicyDecisionPoint for AllowlistPdp {
     }
 }
 
+/// Whether `last_label` (a name's last label) spells a number, so the name
+/// is an IP literal in some spelling (`127.1`, `0x7f.1`), never a host.
+pub fn is_ip_spelling(last_label: &[u8]) -> bool {
+    last_label.iter().all(u8::is_ascii_digit)
+        || last_label
+            .strip_prefix(b"0x")
+            .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+}
+
 /// [`normalize_host`] without an allocation when `raw` is already in
 /// normal form (what the DNS sinkhole and most clients send).
 fn normalize_host_cow(raw: &str) -> Result<Cow<'_, str>, String> {
@@ -130,9 +139,7 @@ fn is_normal_ldh(name: &str) -> bool {
                 return false;
             }
             if at_end {
-                let ip_like = l.iter().all(u8::is_ascii_digit)
-                    || (l.starts_with(b"0x") && l[2..].iter().all(u8::is_ascii_hexdigit));
-                return !ip_like;
+                return !is_ip_spelling(l);
             }
             start = i + 1;
         } else if !(b[i].is_ascii_lowercase() || b[i].is_ascii_digit() || b[i] == b'-') {
@@ -170,8 +177,7 @@ pub(crate) fn normalize_host(raw: &str) -> Result<String, String> {
     }
     // All-numeric last label (e.g. 127.1, 0x7f.1) is an IP spelling, not a name.
     if let Some(last) = ascii.rsplit('.').next()
-        && (last.bytes().all(|b| b.is_ascii_digit())
-            || (last.starts_with("0x") && last[2..].bytes().all(|b| b.is_ascii_hexdigit())))
+        && is_ip_spelling(last.as_bytes())
     {
         return Err(format!("{ascii:?} is an IP literal spelling"));
     }

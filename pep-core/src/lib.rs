@@ -37,7 +37,7 @@ mod sockdiag;
 pub mod spool;
 pub mod telemetry;
 
-pub use allowlist::{AllowlistError, AllowlistPdp};
+pub use allowlist::{AllowlistError, AllowlistPdp, is_ip_spelling};
 pub use decision::{
     CacheHint, ConnectionRequest, Decision, FailMode, PdpFuture, PdpOutcome, PolicyDecisionPoint,
     ProcessIdentity,

@@ -680,17 +680,10 @@ impl AuditSpool {
     /// caller awaits [`AuditSpool::wait_synced`] on the last seq before it
     /// forwards anything. An empty batch is refused as `TooLarge(0)`: it
     /// has no seq range.
+    ///
+    /// The findings are borrowed, so a caller that appends at a high rate
+    /// can keep its records (and their strings' buffers) for the next batch.
     pub fn append_batch(
-        &self,
-        findings: Vec<AuditFinding>,
-    ) -> Result<RangeInclusive<u64>, SpoolError> {
-        self.append_findings(&findings)
-    }
-
-    /// [`AuditSpool::append_batch`] from borrowed findings, so a caller
-    /// that appends at a high rate can keep its records (and their strings'
-    /// buffers) for the next batch instead of allocating them again.
-    pub fn append_findings(
         &self,
         findings: &[AuditFinding],
     ) -> Result<RangeInclusive<u64>, SpoolError> {
@@ -1293,7 +1286,7 @@ mod tests {
         FAILING.lock().retain(|d| d != &s.shared.dir);
         let again = s.record(finding("after")).await;
         assert!(matches!(again, Err(SpoolError::Poisoned)), "{again:?}");
-        let batch = s.append_batch(vec![finding("after-batch")]);
+        let batch = s.append_batch(&[finding("after-batch")]);
         assert!(matches!(batch, Err(SpoolError::Poisoned)), "{batch:?}");
         assert!(!s.accepting());
     }

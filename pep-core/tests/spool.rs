@@ -355,19 +355,24 @@ async fn append_batch_is_one_contiguous_all_or_nothing_range() {
     .unwrap();
     s.record(finding("first")).await.unwrap();
     let r = s
-        .append_batch((0..5).map(|i| finding(&format!("b{i}"))).collect())
+        .append_batch(
+            &(0..5)
+                .map(|i| finding(&format!("b{i}")))
+                .collect::<Vec<_>>(),
+        )
         .unwrap();
     assert_eq!(r, 2..=6);
     // 6 + 5 > 10: the whole batch is refused, nothing of it is written.
     let e = s
-        .append_batch((0..5).map(|i| finding(&format!("c{i}"))).collect())
+        .append_batch(
+            &(0..5)
+                .map(|i| finding(&format!("c{i}")))
+                .collect::<Vec<_>>(),
+        )
         .unwrap_err();
     assert!(matches!(e, SpoolError::Full { .. }), "{e}");
     assert_eq!(s.last_seq(), 6);
-    assert!(matches!(
-        s.append_batch(Vec::new()),
-        Err(SpoolError::TooLarge(0))
-    ));
+    assert!(matches!(s.append_batch(&[]), Err(SpoolError::TooLarge(0))));
     s.wait_synced(6).await.unwrap();
     drop(s);
     let s = AuditSpool::open(dir.path(), SpoolLimits::default()).unwrap();

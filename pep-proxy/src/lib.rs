@@ -447,12 +447,12 @@ impl EgressProxy {
     /// task of their own (so this connection's setup state is freed).
     async fn open_tunnel(
         self: &Arc<Self>,
-        client: TcpStream,
+        mut client: TcpStream,
         ip: IpAddr,
         port: u16,
         first: Vec<u8>,
     ) {
-        let upstream = match self.dial(ip, port).await {
+        let mut upstream = match self.dial(ip, port).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::info!(%ip, port, error = %e, "upstream connect failed");
@@ -467,7 +467,6 @@ impl EgressProxy {
         drop(first);
         let metrics = self.metrics.clone();
         let splice_after = self.cfg.splice_after;
-        let (mut client, mut upstream) = (client, upstream);
         tokio::spawn(async move {
             metrics.tunnels_active.inc();
             let _ = tunnel::tunnel(&mut client, &mut upstream, splice_after).await;
