@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use proptest::prelude::*;
 use secureops_policy::policy::{
-    EvalRequest, HostSource, MemoryContext, Policy, ProcKey, Verdict, normalize_host,
+    EvalRequest, HostSource, MemoryContext, Policy, ProcKey, Verdict, classify_ip, normalize_host,
     parse_ip_literal,
 };
 
@@ -185,5 +185,124 @@ proptest! {
                 prop_assert!(!e.message.is_empty());
             }
         }
+    }
+}
+
+/// Policies with every kind of rule that could be tempted to look at a
+/// name's addresses: cidr allow and deny rules over public ranges, host
+/// rules, destination-less rules, `resolved_ip_allow`, both modes.
+const WITH_CIDRS: [&str; 2] = [
+    r#"
+version: 1
+default: escalate
+resolved_ip_allow: [10.20.0.0/16]
+egress_allowlist:
+  - "*.example"
+  - api.example.com:443
+rules:
+  - id: block-range
+    action: deny
+    destinations:
+      - cidr: 93.184.0.0/16
+      - cidr: 2606:2800::/32
+  - id: public-ips
+    action: allow
+    destinations:
+      - cidr: 8.0.0.0/8
+        ports: [443]
+      - cidr: 2600::/12
+  - id: psql
+    action: escalate
+    processes: ["/usr/bin/psql"]
+  - id: named-deny
+    action: deny
+    destinations:
+      - host: bad.example
+"#,
+    r#"
+version: 1
+mode: report
+default: deny
+rules:
+  - id: cdn
+    action: allow
+    destinations:
+      - host: "*.cdn.test"
+        ports: [443, "8000-8100"]
+      - cidr: 0.0.0.0/0
+  - id: no-range
+    action: deny
+    destinations:
+      - cidr: 8.8.0.0/16
+"#,
+];
+
+fn with_cidrs(i: usize) -> &'static Policy {
+    use std::sync::OnceLock;
+    static P: OnceLock<Vec<Policy>> = OnceLock::new();
+    &P.get_or_init(|| {
+        WITH_CIDRS
+            .iter()
+            .map(|y| match Policy::compile(y) {
+                Ok(p) => p,
+                Err(e) => panic!("{e:?}"),
+            })
+            .collect()
+    })[i]
+}
+
+/// Ordinary (non-special) addresses, biased towards the policies' ranges.
+fn ordinary_ip() -> impl Strategy<Value = IpAddr> {
+    prop_oneof![
+        any::<u32>().prop_map(|v| IpAddr::V4(Ipv4Addr::from(v))),
+        any::<u16>().prop_map(|v| IpAddr::V4(Ipv4Addr::from(0x5db8_0000 | u32::from(v)))),
+        any::<u16>().prop_map(|v| IpAddr::V4(Ipv4Addr::from(0x0808_0000 | u32::from(v)))),
+        any::<u32>().prop_map(|v| IpAddr::V4(Ipv4Addr::from(0x0800_0000 | (v >> 8)))),
+        any::<u128>().prop_map(|v| IpAddr::V6(Ipv6Addr::from(v))),
+        any::<u64>()
+            .prop_map(|v| IpAddr::V6(Ipv6Addr::from((0x2606_2800u128 << 96) | u128::from(v)))),
+    ]
+    .prop_filter("ordinary", |ip| classify_ip(*ip).is_none())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+    /// The PDP's half of the proxy's contract (`EgressProxy::confirm_answer`):
+    /// for a name, a DNS answer made only of ordinary addresses never changes
+    /// the evaluation, so the proxy may skip asking again with it.
+    #[test]
+    fn ordinary_answers_never_change_a_name_decision(
+        policy in 0usize..WITH_CIDRS.len(),
+        host in prop::sample::select(vec![
+            "a.example", "api.example.com", "bad.example", "x.cdn.test", "other.test",
+            "example", "deep.a.cdn.test", "api.example.com.",
+        ]),
+        port in prop::sample::select(vec![80u16, 443, 5432, 8080, 9000]),
+        exe in prop::sample::select(vec!["/usr/bin/curl", "/usr/bin/psql"]),
+        src in 0usize..3,
+        ips in prop::collection::vec(ordinary_ip(), 1..5),
+    ) {
+        let ctx = MemoryContext::new();
+        let source = [HostSource::Connect, HostSource::Sni, HostSource::HttpHost][src];
+        let eval = |ip: Option<IpAddr>, resolved: &[IpAddr]| {
+            with_cidrs(policy).evaluate(
+                &EvalRequest {
+                    workload: "w",
+                    exe,
+                    host,
+                    port,
+                    ip,
+                    resolved_ips: resolved,
+                    host_source: source,
+                    process: Some(ProcKey { pid: 7, start_time: 1 }),
+                    ancestors: &[],
+                },
+                &ctx,
+            )
+        };
+        let name_only = eval(None, &[]);
+        let answered = eval(Some(ips[0]), &ips);
+        prop_assert_eq!(&name_only, &answered, "{} {:?}", host, ips);
     }
 }

@@ -17,7 +17,9 @@
 //!   of `secureops run` sit behind a veth pair);
 //! * [`spool`] / [`shipper`]: [`AuditSpool`], the durable local audit spool,
 //!   and [`Shipper`], which delivers it over `Audit.Append` exactly once;
-//! * [`metrics`]: [`PepMetrics`], registered into the binary's registry.
+//! * [`metrics`]: [`PepMetrics`], registered into the binary's registry;
+//! * [`special_ip`]: [`classify_ip`], the special-purpose address classifier
+//!   the PDP and the PEPs share.
 //!
 //! Invariant: **a PEP never allows on error.** Every failure to obtain a
 //! definitive answer becomes [`Decision::Deny`] with a `fail_closed:<cause>`
@@ -34,6 +36,7 @@ pub mod metrics;
 mod netns;
 pub mod shipper;
 mod sockdiag;
+pub mod special_ip;
 pub mod spool;
 pub mod telemetry;
 
@@ -43,6 +46,7 @@ pub use decision::{
     ProcessIdentity,
 };
 pub use secureops_proto::v1::{AuditFinding, HostSource, Transport};
+pub use special_ip::{SpecialRange, classify_ip};
 
 pub use attribution::{AttributionLimits, Attributor, SocketKind};
 pub use breaker::{BreakerConfig, BreakerOpen, BreakerState};

@@ -319,32 +319,26 @@ impl Ctx {
         let ph = PeekedHost::from_authority(&authority, HostSource::HttpHost);
         let mut creq = self.proxy.new_request(self.peer, self.local, &ph).await;
         creq.ip = Some(orig.ip());
+        let mut detail = String::new();
         let outcome = match authority.ip_literal {
             Some(lit) if lit != orig.ip() => PdpOutcome::new(Decision::Deny, "host_ip_mismatch"),
             Some(lit) => {
                 creq.resolved_ips = vec![lit];
                 self.proxy.ask_pdp(&creq).await
             }
-            None => match self.proxy.resolver.resolve(&authority.host).await {
-                Ok(ips) if ips.contains(&orig.ip()) => {
-                    creq.resolved_ips = ips;
-                    self.proxy.ask_pdp(&creq).await
+            // Name first: a Host the policy refuses is never looked up.
+            None => {
+                let (outcome, why) = self.proxy.decide_name(&mut creq, Some(orig.ip())).await;
+                if let Some(why) = why {
+                    detail = why;
                 }
-                Ok(ips) => {
-                    creq.resolved_ips = ips;
-                    PdpOutcome::new(Decision::Deny, "host_ip_mismatch")
-                }
-                Err(crate::resolve::ResolveError::Timeout(_))
-                | Err(crate::resolve::ResolveError::Setup(_)) => {
-                    self.proxy.on_error("dns_unavailable")
-                }
-                Err(_) => PdpOutcome::new(Decision::Deny, "unresolvable_host"),
-            },
+                outcome
+            }
         };
         let mut v = Verdict {
             req: creq,
             outcome,
-            detail: String::new(),
+            detail,
         };
         let allow = v.outcome.decision.is_allow();
         self.proxy

@@ -37,6 +37,7 @@ use bytes::BufMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 
+use secureops_pep::classify_ip;
 pub use secureops_pep::{
     AllowlistPdp, AuditFinding, ConnectionRequest, Decision, FailMode, HostSource, PdpOutcome,
     PolicyDecisionPoint, ProcessIdentity, Transport,
@@ -343,41 +344,81 @@ impl EgressProxy {
     /// Returns the outcome after the fail mode is applied.
     async fn decide(&self, req: &mut ConnectionRequest, literal: Option<IpAddr>) -> PdpOutcome {
         if literal.is_none() && req.host_source != HostSource::OriginalDst {
-            if let Some(refused) = self.precheck_name(req).await {
-                return refused;
-            }
-            match self.resolver.resolve(&req.host).await {
-                Ok(ips) => {
-                    req.ip = pick_ip(&ips);
-                    req.resolved_ips = ips;
-                }
-                Err(ResolveError::NoAddress(_)) | Err(ResolveError::Lookup { .. }) => {
-                    return PdpOutcome::new(Decision::Deny, "unresolvable_host");
-                }
-                Err(ResolveError::Timeout(_)) | Err(ResolveError::Setup(_)) => {
-                    return self.on_error("dns_unavailable");
-                }
-            }
+            return self.decide_name(req, None).await.0;
         }
         self.ask_pdp(req).await
     }
 
-    /// Name first: ask about the name before any DNS lookup of it. A name
-    /// the policy refuses is never resolved, because the lookup itself would
-    /// carry the name (and whatever an injected prompt encoded into it) to
-    /// whoever serves that zone, and the audit record keeps the policy's
-    /// reason instead of a resolver error. For a name, only the DNS-rebinding
-    /// guard depends on the answer, so an allowed name is then resolved and
-    /// asked about again with its addresses (a cache hit when the PDP lets
-    /// the PEP cache). `Some` is the final, refusing outcome.
-    async fn precheck_name(&self, req: &ConnectionRequest) -> Option<PdpOutcome> {
+    /// Decide a destination given by name: the name first, then its
+    /// addresses. A name the policy refuses is never resolved, because the
+    /// lookup itself would carry the name (and whatever an injected prompt
+    /// encoded into it) to whoever serves that zone, and the audit record
+    /// keeps the policy's reason instead of a resolver error. An allowed
+    /// name is resolved once; in transparent mode (`orig` = the original
+    /// destination) the answer must contain the address the client dialled
+    /// (`host_ip_mismatch` otherwise, with the returned detail), in explicit
+    /// mode the first IPv4 answer is dialled. The answer is then confirmed
+    /// by [`EgressProxy::confirm_answer`].
+    async fn decide_name(
+        &self,
+        req: &mut ConnectionRequest,
+        orig: Option<IpAddr>,
+    ) -> (PdpOutcome, Option<String>) {
         debug_assert!(req.resolved_ips.is_empty());
         let pre = self.ask_pdp(req).await;
-        if pre.decision.is_allow() {
-            None
-        } else {
+        if !pre.decision.is_allow() {
             self.metrics.dns_lookups_avoided.inc();
-            Some(pre)
+            return (pre, None);
+        }
+        let ips = match self.resolver.resolve(&req.host).await {
+            Ok(ips) => ips,
+            Err(ResolveError::NoAddress(_)) | Err(ResolveError::Lookup { .. }) => {
+                return (PdpOutcome::new(Decision::Deny, "unresolvable_host"), None);
+            }
+            Err(ResolveError::Timeout(_)) | Err(ResolveError::Setup(_)) => {
+                return (self.on_error("dns_unavailable"), None);
+            }
+        };
+        match orig {
+            Some(o) if !ips.contains(&o) => {
+                let detail = format!("{} does not resolve to {o}", req.host);
+                req.resolved_ips = ips;
+                return (
+                    PdpOutcome::new(Decision::Deny, "host_ip_mismatch"),
+                    Some(detail),
+                );
+            }
+            Some(_) => {}
+            None => req.ip = pick_ip(&ips),
+        }
+        req.resolved_ips = ips;
+        (self.confirm_answer(req, pre).await, None)
+    }
+
+    /// The second half of a name's decision, once its answer is known.
+    ///
+    /// For a name, the only part of a decision that depends on the DNS
+    /// answer is the rebinding guard (DESIGN §4: host rules match names
+    /// only; an allowed name resolving to a special-purpose address is
+    /// denied unless `resolved_ip_allow` covers it). An answer made only of
+    /// ordinary addresses therefore cannot change the name's allow, and
+    /// asking again would cost a PDP round trip on every connection whose
+    /// name rotates its answers (a cache key per answer set). Only an
+    /// answer with a special-purpose address, by the classifier the PDP
+    /// itself uses, goes back to the PDP with the addresses. The PDP's
+    /// side of this contract is checked by its
+    /// `ordinary_answers_never_change_a_name_decision` property test.
+    async fn confirm_answer(&self, req: &ConnectionRequest, pre: PdpOutcome) -> PdpOutcome {
+        let special = req
+            .ip
+            .iter()
+            .chain(req.resolved_ips.iter())
+            .any(|&ip| classify_ip(ip).is_some());
+        if special {
+            self.ask_pdp(req).await
+        } else {
+            self.metrics.answer_checks_skipped.inc();
+            pre
         }
     }
 
@@ -1013,25 +1054,12 @@ pub async fn handle_transparent(
         } else {
             proxy.ask_pdp(&req).await
         }
-    } else if let Some(refused) = proxy.precheck_name(&req).await {
-        refused
     } else {
-        match proxy.resolver.resolve(&ph.host).await {
-            Ok(ips) => {
-                let matches = ips.contains(&orig.ip());
-                req.resolved_ips = ips;
-                if matches {
-                    proxy.ask_pdp(&req).await
-                } else {
-                    detail = format!("{} does not resolve to {}", ph.host, orig.ip());
-                    PdpOutcome::new(Decision::Deny, "host_ip_mismatch")
-                }
-            }
-            Err(ResolveError::Timeout(_)) | Err(ResolveError::Setup(_)) => {
-                proxy.on_error("dns_unavailable")
-            }
-            Err(_) => PdpOutcome::new(Decision::Deny, "unresolvable_host"),
+        let (outcome, why) = proxy.decide_name(&mut req, Some(orig.ip())).await;
+        if let Some(why) = why {
+            detail = why;
         }
+        outcome
     };
     // Host-less HTTP requests (HTTP/1.0) fall back to the IP decision; a
     // named HTTP request is served request by request by hyper.
@@ -1124,5 +1152,143 @@ mod tests {
         assert_eq!(f.decision, secureops_proto::v1::Verdict::Deny as i32);
         assert_eq!(f.detail.len(), 512);
         assert_eq!(f.pep_kind, "proxy");
+    }
+
+    /// A PDP that allows `*.allowed.test`, denies names answered with a
+    /// special-purpose address as the real PDP's rebinding guard does, and
+    /// keeps every request it was asked.
+    #[derive(Default)]
+    struct RecordingPdp(std::sync::Mutex<Vec<ConnectionRequest>>);
+
+    impl PolicyDecisionPoint for RecordingPdp {
+        fn decide<'a>(&'a self, req: &'a ConnectionRequest) -> secureops_pep::PdpFuture<'a> {
+            self.0.lock().unwrap().push(req.clone());
+            let outcome = if !req.host.ends_with(".allowed.test") {
+                PdpOutcome::new(Decision::Deny, "default_deny")
+            } else if req.resolved_ips.iter().any(|&ip| classify_ip(ip).is_some()) {
+                PdpOutcome::new(Decision::Deny, "dns_rebinding")
+            } else {
+                PdpOutcome::new(Decision::Allow, "rule:web")
+            };
+            Box::pin(std::future::ready(outcome))
+        }
+    }
+
+    fn proxy_with(pdp: Arc<RecordingPdp>, answers: &[(&str, &str)]) -> EgressProxy {
+        let overrides: Vec<(String, IpAddr)> = answers
+            .iter()
+            .map(|(h, ip)| (h.to_string(), ip.parse().unwrap()))
+            .collect();
+        let resolver = Resolver::new(&overrides, None, false, Duration::from_secs(1)).unwrap();
+        EgressProxy::new(
+            ProxyConfig::default(),
+            pdp,
+            Arc::new(audit::TracingAuditLog::new()),
+            resolver,
+            ProxyMetrics::new(),
+        )
+    }
+
+    fn named(host: &str) -> ConnectionRequest {
+        ConnectionRequest {
+            request_id: "r".into(),
+            workload_id: "w".into(),
+            process: ProcessIdentity::default(),
+            host: host.into(),
+            port: 443,
+            ip: None,
+            resolved_ips: vec![],
+            host_source: HostSource::Connect,
+            transport: Transport::Tcp,
+        }
+    }
+
+    /// An allowed name is asked about once when its answer is all ordinary
+    /// addresses, and a second time, with the addresses, as soon as one of
+    /// them is special-purpose (in any spelling the classifier knows); a
+    /// refused name is asked about once and never resolved.
+    #[tokio::test]
+    async fn a_name_goes_back_to_the_pdp_only_with_a_special_answer() {
+        let pdp = Arc::new(RecordingPdp::default());
+        let proxy = proxy_with(
+            pdp.clone(),
+            &[
+                ("public.allowed.test", "93.184.216.34"),
+                ("public.allowed.test", "2606:2800:220:1::1"),
+                ("mixed.allowed.test", "93.184.216.34"),
+                ("mixed.allowed.test", "10.1.2.3"),
+                ("meta.allowed.test", "::ffff:169.254.169.254"),
+                ("loop.allowed.test", "127.0.0.1"),
+                ("evil.test", "93.184.216.35"),
+            ],
+        );
+        let cases = [
+            ("public.allowed.test", true, "rule:web", 1),
+            ("mixed.allowed.test", false, "dns_rebinding", 2),
+            ("meta.allowed.test", false, "dns_rebinding", 2),
+            ("loop.allowed.test", false, "dns_rebinding", 2),
+            ("evil.test", false, "default_deny", 1),
+        ];
+        for (host, allow, reason, asked) in cases {
+            pdp.0.lock().unwrap().clear();
+            let mut req = named(host);
+            let out = proxy.decide(&mut req, None).await;
+            assert_eq!(out.decision.is_allow(), allow, "{host}: {out:?}");
+            assert_eq!(out.reason, reason, "{host}");
+            let seen = pdp.0.lock().unwrap().clone();
+            assert_eq!(seen.len(), asked, "{host}: {seen:#?}");
+            assert!(seen[0].resolved_ips.is_empty(), "{host}: name asked first");
+            if asked == 2 {
+                assert_eq!(seen[1].resolved_ips, req.resolved_ips, "{host}");
+                assert!(!seen[1].resolved_ips.is_empty());
+            }
+            if host == "evil.test" {
+                assert!(req.resolved_ips.is_empty(), "a refused name was resolved");
+            } else {
+                // The audit record still carries the whole answer.
+                assert!(!req.resolved_ips.is_empty(), "{host}");
+            }
+        }
+        assert_eq!(proxy.metrics.answer_checks_skipped.get(), 1);
+        assert_eq!(proxy.metrics.dns_lookups_avoided.get(), 1);
+    }
+
+    /// Transparent mode: the answer must contain the original destination
+    /// before anything else, and a special original destination is itself
+    /// part of the answer check.
+    #[tokio::test]
+    async fn transparent_names_check_the_original_destination() {
+        let pdp = Arc::new(RecordingPdp::default());
+        let proxy = proxy_with(
+            pdp.clone(),
+            &[
+                ("public.allowed.test", "93.184.216.34"),
+                ("public.allowed.test", "93.184.216.35"),
+            ],
+        );
+        let mut req = named("public.allowed.test");
+        let orig: IpAddr = "93.184.216.35".parse().unwrap();
+        req.ip = Some(orig);
+        let (out, why) = proxy.decide_name(&mut req, Some(orig)).await;
+        assert!(out.decision.is_allow(), "{out:?}");
+        assert!(why.is_none());
+        assert_eq!(
+            req.ip,
+            Some(orig),
+            "the dialled address is the original one"
+        );
+        assert_eq!(pdp.0.lock().unwrap().len(), 1);
+
+        let mut req = named("public.allowed.test");
+        let orig: IpAddr = "93.184.216.36".parse().unwrap();
+        req.ip = Some(orig);
+        let (out, why) = proxy.decide_name(&mut req, Some(orig)).await;
+        assert_eq!(out.reason, "host_ip_mismatch");
+        assert!(why.unwrap().contains("93.184.216.36"));
+        assert_eq!(
+            pdp.0.lock().unwrap().len(),
+            2,
+            "no confirmation of a mismatch"
+        );
     }
 }

@@ -29,6 +29,10 @@ pub struct ProxyMetrics {
     /// `secureops_proxy_refused_before_lookup_total`: names refused on the
     /// name alone, so never looked up in DNS.
     pub dns_lookups_avoided: Counter,
+    /// `secureops_proxy_answer_checks_skipped_total`: allowed names whose
+    /// DNS answer held only ordinary addresses, so it could not change the
+    /// decision and was not sent back to the PDP.
+    pub answer_checks_skipped: Counter,
 }
 
 impl Default for ProxyMetrics {
@@ -50,6 +54,7 @@ impl ProxyMetrics {
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
             ]),
             dns_lookups_avoided: Counter::default(),
+            answer_checks_skipped: Counter::default(),
         }
     }
 
@@ -95,6 +100,11 @@ impl ProxyMetrics {
             "refused_before_lookup",
             "Named destinations refused on the name alone (no DNS lookup made)",
             self.dns_lookups_avoided.clone(),
+        );
+        sub.register(
+            "answer_checks_skipped",
+            "Allowed names whose DNS answer held only ordinary addresses (no second PDP check)",
+            self.answer_checks_skipped.clone(),
         );
     }
 

@@ -358,7 +358,54 @@ fn transparent_plain_http_decides_every_request() {
     assert_eq!(recs[0]["decision"], "allow");
     assert_eq!(recs[0]["host_source"], "HOST_SOURCE_HTTP_HOST");
     assert_eq!(recs[1]["decision"], "deny");
-    assert_eq!(recs[1]["reason"], "host_ip_mismatch");
+    // Refused on the name, before any lookup of it.
+    assert_eq!(recs[1]["reason"], "not_in_allowlist");
     assert_eq!(recs[2]["decision"], "allow");
+    assert_eq!(up.conns(), 1);
+}
+
+/// A later request of a transparent keep-alive connection naming a refused
+/// Host is refused on the name: the proxy must not resolve it first (that
+/// lookup would carry the name to DNS), even though the connection's first
+/// request was allowed.
+#[test]
+fn denied_host_later_in_keep_alive_is_never_looked_up() {
+    let Some(ns) = new_netns() else {
+        return;
+    };
+    let dns = ns.within(CountingDns::start);
+    let server = dns.addr.to_string();
+    let Some((ns, proxy)) = start_in(ns, &["--dns-server", &server]) else {
+        return;
+    };
+    let up = CountingUpstream::from_listener(ns.listen("10.77.0.2:80"), true);
+    let mut s = ns.connect("10.77.0.2:80");
+    for (host, expect) in [("allowed.test", "200"), ("c2VjcmV0.attacker.test", "403")] {
+        write!(s, "GET /p HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
+        let head = read_head(&mut s);
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {expect}")),
+            "{host}: {head}"
+        );
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .expect("content-length");
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).unwrap();
+    }
+    let recs = proxy.settled_audit(2);
+    assert_eq!(recs[0]["decision"], "allow");
+    assert_eq!(recs[1]["decision"], "deny");
+    assert_eq!(recs[1]["reason"], "not_in_allowlist", "{:#?}", recs[1]);
+    assert_eq!(
+        dns.asked(),
+        Vec::<String>::new(),
+        "a refused Host reached DNS"
+    );
     assert_eq!(up.conns(), 1);
 }

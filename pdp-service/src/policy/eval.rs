@@ -26,10 +26,11 @@ use std::time::Duration;
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use ipnet::IpNet;
 
+use super::classify_ip;
 use super::context::ContextView;
 use super::fxhash::FxHashMap;
 use super::host::{HostError, normalize_host, normalize_non_literal, parse_ip_literal};
-use super::ip::{CidrTable, classify_ip};
+use super::ip::CidrTable;
 use super::parse::{Kind, Node};
 use super::{
     CacheScope, DEFAULT_CACHE_TTL, DefaultAction, EvalRequest, Evaluation, HostSource, Mode,

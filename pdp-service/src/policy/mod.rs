@@ -66,7 +66,9 @@ use std::time::Duration;
 
 pub use context::{ContextView, MemoryContext};
 pub use host::{HostError, normalize_host, parse_ip_literal};
-pub use ip::{EmbeddedClass, Embedding, SpecialRange, V4Class, classify_ip, embedded_v4};
+pub use secureops_pep::special_ip::{
+    EmbeddedClass, Embedding, SpecialRange, V4Class, classify_ip, embedded_v4,
+};
 pub use secureops_proto::v1::HostSource;
 
 pub use eval::ALLOWLIST_RULE_ID;
