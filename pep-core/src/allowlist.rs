@@ -4,7 +4,10 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
+
 use crate::decision::{ConnectionRequest, Decision, PdpFuture, PdpOutcome, PolicyDecisionPoint};
+use crate::special_ip::classify_ip;
 
 /// Why an allowlist entry was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -24,6 +27,14 @@ pub enum AllowlistError {
 /// any subdomain of `suffix` but never `suffix` itself. IP literals never
 /// match. Names are normalised (lowercase, trailing dot, IDNA → punycode).
 ///
+/// The PDP's DNS-rebinding guard applies here too (DESIGN §4): an allowed
+/// name whose dialled or resolved address is special-purpose (loopback,
+/// RFC 1918, link-local and the metadata address, ...; see
+/// [`classify_ip`]) is denied `dns_rebinding`, unless one of
+/// [`AllowlistPdp::with_resolved_ip_allow`]'s ranges covers it. Without
+/// it, `*.example.com` would let whoever controls one name under it point
+/// the agent at `169.254.169.254`.
+///
 /// The sets use `foldhash` rather than SipHash: their keys come from the
 /// operator's configuration and lookups never insert, so there is no
 /// hash-flooding surface, and the sinkhole asks once per DNS query.
@@ -34,6 +45,9 @@ pub struct AllowlistPdp {
     /// matches when one of its proper parent domains is in the set (one hash
     /// lookup per label, not a scan of every pattern).
     suffixes: HashSet<String, foldhash::fast::RandomState>,
+    /// Special-purpose ranges allowed names may resolve to (the policy's
+    /// `resolved_ip_allow`).
+    resolved_ip_allow: Vec<IpNet>,
 }
 
 impl AllowlistPdp {
@@ -69,6 +83,26 @@ impl AllowlistPdp {
         Ok(pdp)
     }
 
+    /// Special-purpose ranges that allowed names may resolve to, for
+    /// internal services reached by name (the policy's `resolved_ip_allow`).
+    /// It never makes an IP literal allowed: those never match at all.
+    pub fn with_resolved_ip_allow(mut self, nets: impl IntoIterator<Item = IpNet>) -> Self {
+        self.resolved_ip_allow = nets.into_iter().map(|n| n.trunc()).collect();
+        self
+    }
+
+    /// The DNS-rebinding guard: a dialled or resolved address that is
+    /// special-purpose and not covered by `resolved_ip_allow`.
+    fn rebinding_violation(&self, req: &ConnectionRequest) -> bool {
+        req.ip.iter().chain(req.resolved_ips.iter()).any(|&ip| {
+            classify_ip(ip).is_some()
+                && !self
+                    .resolved_ip_allow
+                    .iter()
+                    .any(|n| n.contains(&ip) || n.contains(&ip.to_canonical()))
+        })
+    }
+
     /// Whether `host` (as seen on the wire) is allowed.
     pub fn allows(&self, host: &str) -> bool {
         let Ok(host) = normalize_host_cow(host) else {
@@ -86,10 +120,12 @@ impl AllowlistPdp {
 
 impl PolicyDecisionPoint for AllowlistPdp {
     fn decide<'a>(&'a self, req: &'a ConnectionRequest) -> PdpFuture<'a> {
-        let outcome = if self.allows(&req.host) {
-            PdpOutcome::new(Decision::Allow, "allowlist")
-        } else {
+        let outcome = if !self.allows(&req.host) {
             PdpOutcome::new(Decision::Deny, "not_in_allowlist")
+        } else if self.rebinding_violation(req) {
+            PdpOutcome::new(Decision::Deny, "dns_rebinding")
+        } else {
+            PdpOutcome::new(Decision::Allow, "allowlist")
         };
         Box::pin(std::future::ready(outcome))
     }
@@ -265,6 +301,61 @@ mod tests {
         assert!(!pdp.allows("127.0.0.1"));
         assert!(!pdp.allows("0x7f.1"));
         assert!(!pdp.allows(""));
+    }
+
+    fn decide_now(pdp: &AllowlistPdp, host: &str, ips: &[&str]) -> PdpOutcome {
+        let resolved: Vec<IpAddr> = ips.iter().map(|s| s.parse().unwrap()).collect();
+        let req = ConnectionRequest {
+            request_id: "r".into(),
+            workload_id: "w".into(),
+            process: Default::default(),
+            host: host.into(),
+            port: 443,
+            ip: resolved.first().copied(),
+            resolved_ips: resolved,
+            host_source: crate::HostSource::Connect,
+            transport: crate::Transport::Tcp,
+        };
+        let fut = pdp.decide(&req);
+        futures::executor::block_on(fut)
+    }
+
+    /// An allowed name may not resolve to a special-purpose address unless
+    /// `resolved_ip_allow` covers it (also through an IPv4-mapped spelling);
+    /// a name outside the list keeps its own reason.
+    #[test]
+    fn rebinding_guard() {
+        let pdp = AllowlistPdp::new(["*.example.com", "internal.corp"]).unwrap();
+        let reason = |host, ips: &[&str]| decide_now(&pdp, host, ips).reason;
+        assert_eq!(reason("a.example.com", &[]), "allowlist");
+        assert_eq!(reason("a.example.com", &["93.184.216.34"]), "allowlist");
+        for special in [
+            "169.254.169.254",
+            "127.0.0.1",
+            "10.1.2.3",
+            "::ffff:10.1.2.3",
+            "fd00:ec2::254",
+            "::1",
+        ] {
+            assert_eq!(
+                reason("a.example.com", &["93.184.216.34", special]),
+                "dns_rebinding",
+                "{special}"
+            );
+        }
+        assert_eq!(reason("evil.test", &["10.1.2.3"]), "not_in_allowlist");
+
+        let pdp = AllowlistPdp::new(["internal.corp"])
+            .unwrap()
+            .with_resolved_ip_allow(["10.20.0.0/16".parse().unwrap()]);
+        let reason = |host, ips: &[&str]| decide_now(&pdp, host, ips).reason;
+        assert_eq!(reason("internal.corp", &["10.20.3.4"]), "allowlist");
+        assert_eq!(reason("internal.corp", &["::ffff:10.20.3.4"]), "allowlist");
+        assert_eq!(reason("internal.corp", &["10.21.3.4"]), "dns_rebinding");
+        assert_eq!(
+            reason("internal.corp", &["169.254.169.254"]),
+            "dns_rebinding"
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ python3 "$S/bench_proxy.py" --direct --name direct "${PX[@]}"
 "$S/peers.sh" start squid && sleep 1 && python3 "$S/bench_proxy.py" --proxy 127.0.0.10:3128 --name squid "${PX[@]}"
 "$S/peers.sh" stop squid
 rm -rf "$SPOOL"
-SECUREOPS_ALLOW=$ALLOW SECUREOPS_RESOLVE=$RESOLVE RUST_LOG=warn setsid taskset -c 1 "$BIN" --listen $PA --dns-server none --spool-dir "$SPOOL" --no-attribution >/tmp/sops-quick-proxy.log 2>&1 </dev/null &
+SECUREOPS_ALLOW=$ALLOW SECUREOPS_RESOLVED_IP_ALLOW=127.0.0.0/8 SECUREOPS_RESOLVE=$RESOLVE RUST_LOG=warn setsid taskset -c 1 "$BIN" --listen $PA --dns-server none --spool-dir "$SPOOL" --no-attribution >/tmp/sops-quick-proxy.log 2>&1 </dev/null &
 P=$!
 sleep 1
 python3 "$S/bench_proxy.py" --proxy $PA --name project-proxy "${PX[@]}"
@@ -27,7 +27,7 @@ kill $P
 PROXIES=direct,squid,project-proxy
 if [ -n "${SYNC_ALWAYS:-}" ]; then
   sleep 1; rm -rf "$SPOOL"
-  SECUREOPS_ALLOW=$ALLOW SECUREOPS_RESOLVE=$RESOLVE RUST_LOG=warn setsid taskset -c 1 "$BIN" --listen $PA --dns-server none --spool-dir "$SPOOL" --spool-sync always --no-attribution >/tmp/sops-quick-proxy.log 2>&1 </dev/null &
+  SECUREOPS_ALLOW=$ALLOW SECUREOPS_RESOLVED_IP_ALLOW=127.0.0.0/8 SECUREOPS_RESOLVE=$RESOLVE RUST_LOG=warn setsid taskset -c 1 "$BIN" --listen $PA --dns-server none --spool-dir "$SPOOL" --spool-sync always --no-attribution >/tmp/sops-quick-proxy.log 2>&1 </dev/null &
   P=$!
   sleep 1
   python3 "$S/bench_proxy.py" --proxy $PA --name project-proxy-sync-always --runs "${RUNS:-3}" --duration 5 --out "$OUT" --tests rate,latency

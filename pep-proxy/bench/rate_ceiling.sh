@@ -47,7 +47,7 @@ for r in $(seq "$RUNS"); do
   one squid "$(pgrep -x squid | tr '\n' ' ')" --proxy 127.0.0.10:3128 --targets "$B/conf/targets-allowed.txt" | tee -a "$OUT"
   "$S/peers.sh" stop squid >/dev/null 2>&1
   rm -rf /tmp/sops-ceiling-spool
-  SECUREOPS_ALLOW=$ALLOW SECUREOPS_RESOLVE=$RESOLVE RUST_LOG=warn setsid taskset -c 1 "$BIN" --listen 127.0.0.12:3128 \
+  SECUREOPS_ALLOW=$ALLOW SECUREOPS_RESOLVED_IP_ALLOW=127.0.0.0/8 SECUREOPS_RESOLVE=$RESOLVE RUST_LOG=warn setsid taskset -c 1 "$BIN" --listen 127.0.0.12:3128 \
     --dns-server none --spool-dir /tmp/sops-ceiling-spool --no-attribution >/tmp/sops-ceiling-proxy.log 2>&1 </dev/null &
   P=$!; sleep 1
   one secureops-proxy "$P" --proxy 127.0.0.12:3128 --targets "$B/conf/targets-allowed.txt" | tee -a "$OUT"

@@ -31,7 +31,7 @@ for _ in $(seq 1 "${PAIRS:-3}"); do
   drain; "$S/peers.sh" start squid >/dev/null 2>&1; sleep 1
   cell squid 127.0.0.10:3128 $(pgrep -x squid); "$S/peers.sh" stop squid >/dev/null 2>&1
   drain; rm -rf /tmp/sops-pairs-spool
-  SECUREOPS_ALLOW=$ALLOW SECUREOPS_RESOLVE=$RESOLVE RUST_LOG=warn setsid taskset -c 1 "$BIN" --listen 127.0.0.12:3128 \
+  SECUREOPS_ALLOW=$ALLOW SECUREOPS_RESOLVED_IP_ALLOW=127.0.0.0/8 SECUREOPS_RESOLVE=$RESOLVE RUST_LOG=warn setsid taskset -c 1 "$BIN" --listen 127.0.0.12:3128 \
     --dns-server none --spool-dir /tmp/sops-pairs-spool --no-attribution >/tmp/sops-pairs-proxy.log 2>&1 </dev/null &
   P=$!; sleep 1
   cell secureops-proxy 127.0.0.12:3128 $P; kill $P; wait $P 2>/dev/null

@@ -19,7 +19,7 @@ RESOLVE=$(awk '$1 ~ /^127\./ { for (i=2;i<=NF;i++) printf "%s=%s,", $i, $1 }' "$
 PA=127.0.0.12:3128
 start_proxy() {
   rm -rf "$SPOOL"
-  SECUREOPS_ALLOW=$ALLOW SECUREOPS_RESOLVE=$RESOLVE RUST_LOG=warn nohup setsid taskset -c "$PEER_CPU" \
+  SECUREOPS_ALLOW=$ALLOW SECUREOPS_RESOLVED_IP_ALLOW=127.0.0.0/8 SECUREOPS_RESOLVE=$RESOLVE RUST_LOG=warn nohup setsid taskset -c "$PEER_CPU" \
     "$BIN" --listen $PA --dns-server none --spool-dir "$SPOOL" ${EXTRA:-} >"$B/logs/sops-proxy.out" 2>&1 </dev/null &
   echo $! >"$B/run/sops-proxy.pid"
   for _ in $(seq 1 100); do ss -Hltn | awk '{print $4}' | grep -qx "$PA" && return 0; sleep 0.1; done

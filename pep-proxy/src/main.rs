@@ -52,6 +52,16 @@ struct Args {
     /// Only used without --pdp.
     #[arg(long = "allow", env = "SECUREOPS_ALLOW", value_delimiter = ',')]
     allow: Vec<String>,
+    /// Standalone mode: special-purpose range (CIDR) that allowed names may
+    /// resolve to (the policy's `resolved_ip_allow`); repeatable. Any other
+    /// loopback / private / link-local / metadata answer for an allowed
+    /// name is denied `dns_rebinding`.
+    #[arg(
+        long = "resolved-ip-allow",
+        env = "SECUREOPS_RESOLVED_IP_ALLOW",
+        value_delimiter = ','
+    )]
+    resolved_ip_allow: Vec<ipnet::IpNet>,
     /// Audit service endpoint (records are spooled, then shipped).
     #[arg(long, env = "SECUREOPS_AUDIT")]
     audit: Option<String>,
@@ -209,11 +219,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
             } else {
                 tracing::warn!(entries = ?args.allow, "no --pdp: STANDALONE allowlist mode (local AllowlistPdp, no central policy, no process context)");
             }
-            Arc::new(AllowlistPdp::new(&args.allow).context("invalid --allow entry")?)
+            Arc::new(
+                AllowlistPdp::new(&args.allow)
+                    .context("invalid --allow entry")?
+                    .with_resolved_ip_allow(args.resolved_ip_allow.iter().copied()),
+            )
         }
     };
-    if args.pdp.is_some() && !args.allow.is_empty() {
-        bail!("--allow is only for standalone mode; the policy lives in the PDP when --pdp is set");
+    if args.pdp.is_some() && !(args.allow.is_empty() && args.resolved_ip_allow.is_empty()) {
+        bail!(
+            "--allow and --resolved-ip-allow are only for standalone mode; the policy lives in the PDP when --pdp is set"
+        );
     }
     if args.fail_mode == FailMode::Open {
         tracing::warn!("--fail-mode open: PDP failures ALLOW traffic (each audited as fail_open)");

@@ -16,6 +16,8 @@ fn curl_connect_to_tls_upstream_is_allowed_and_audited_once() {
     let (_d, cert, key) = make_cert(&["allowed.test"]);
     let tls = TlsServer::start(None, "127.0.0.1:0", &cert, &key);
     let proxy = Proxy::spawn(&[
+        "--resolved-ip-allow",
+        "127.0.0.0/8",
         "--allow",
         "allowed.test",
         "--resolve",
@@ -45,6 +47,8 @@ fn curl_connect_to_tls_upstream_is_allowed_and_audited_once() {
 fn denied_host_gets_403_and_upstream_sees_nothing() {
     let up = CountingUpstream::start("127.0.0.1:0");
     let proxy = Proxy::spawn(&[
+        "--resolved-ip-allow",
+        "127.0.0.0/8",
         "--allow",
         "allowed.test",
         "--resolve",
@@ -90,10 +94,58 @@ fn denied_host_gets_403_and_upstream_sees_nothing() {
     assert_eq!(up.bytes(), 0);
 }
 
+/// Standalone mode keeps the DNS-rebinding guard: an allowed wildcard name
+/// answered with a loopback, private or metadata address is refused before
+/// anything is dialled, unless `--resolved-ip-allow` covers the address.
+#[test]
+fn standalone_allowed_name_resolving_to_a_special_address_is_refused() {
+    let up = CountingUpstream::start("127.0.0.1:0");
+    let proxy = Proxy::spawn(&[
+        "--allow",
+        "*.allowed.test",
+        "--resolve",
+        "loop.allowed.test=127.0.0.1",
+        "--resolve",
+        "meta.allowed.test=169.254.169.254",
+        "--resolve",
+        "mapped.allowed.test=::ffff:10.0.0.1",
+    ]);
+    for host in ["loop", "meta", "mapped"] {
+        let (mut s, head) = connect_via(
+            proxy.addr,
+            &format!("{host}.allowed.test:{}", up.addr.port()),
+        );
+        assert!(head.starts_with("HTTP/1.1 403"), "{host}: {head}");
+        assert!(head.contains("reason=dns_rebinding"), "{host}: {head}");
+        let _ = read_to_end_or_reset(&mut s);
+    }
+    let recs = proxy.settled_audit(3);
+    for r in &recs {
+        assert_eq!(r["decision"], "deny");
+        assert_eq!(r["reason"], "dns_rebinding", "{r:#?}");
+        assert_eq!(r["dialled_ip"], "");
+    }
+    assert_eq!(up.conns(), 0, "upstream was contacted");
+
+    // The same name is reachable once its range is allowed.
+    let proxy = Proxy::spawn(&[
+        "--allow",
+        "*.allowed.test",
+        "--resolved-ip-allow",
+        "127.0.0.0/8",
+        "--resolve",
+        "loop.allowed.test=127.0.0.1",
+    ]);
+    let (_s, head) = connect_via(proxy.addr, &format!("loop.allowed.test:{}", up.addr.port()));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
 #[test]
 fn sni_different_from_connect_host_is_refused_before_dialing() {
     let up = CountingUpstream::start("127.0.0.1:0");
     let proxy = Proxy::spawn(&[
+        "--resolved-ip-allow",
+        "127.0.0.0/8",
         "--allow",
         "allowed.test",
         "--resolve",
@@ -144,6 +196,8 @@ fn sni_different_from_connect_host_is_refused_before_dialing() {
 fn ech_without_outer_name_and_truncated_hello_are_refused() {
     let up = CountingUpstream::start("127.0.0.1:0");
     let proxy = Proxy::spawn(&[
+        "--resolved-ip-allow",
+        "127.0.0.0/8",
         "--allow",
         "allowed.test",
         "--resolve",
@@ -201,6 +255,8 @@ fn server_first_protocol_is_dialled_when_the_window_ends() {
         }
     });
     let proxy = Proxy::spawn(&[
+        "--resolved-ip-allow",
+        "127.0.0.0/8",
         "--allow",
         "ssh.test",
         "--resolve",
@@ -222,6 +278,8 @@ fn plain_http_keep_alive_decides_and_audits_every_request() {
     let up = CountingUpstream::start_http("127.0.0.1:0");
     let port = up.addr.port();
     let proxy = Proxy::spawn(&[
+        "--resolved-ip-allow",
+        "127.0.0.0/8",
         "--allow",
         "allowed.test",
         "--resolve",
@@ -292,6 +350,8 @@ fn host_mismatch_userinfo_and_scheme_are_denied() {
     let up = CountingUpstream::start_http("127.0.0.1:0");
     let port = up.addr.port();
     let proxy = Proxy::spawn(&[
+        "--resolved-ip-allow",
+        "127.0.0.0/8",
         "--allow",
         "allowed.test",
         "--resolve",
@@ -355,6 +415,8 @@ fn bad_input_is_denied_once_and_never_tunnels() {
     let up = CountingUpstream::start("127.0.0.1:0");
     let port = up.addr.port();
     let proxy = Proxy::spawn(&[
+        "--resolved-ip-allow",
+        "127.0.0.0/8",
         "--allow",
         "allowed.test",
         "--resolve",
@@ -444,6 +506,8 @@ fn full_spool_refuses_connect_with_403_before_the_200() {
     let spool = tempfile::tempdir().unwrap();
     // Nothing acks (no --audit): the spool is full after one record.
     let proxy = Proxy::spawn(&[
+        "--resolved-ip-allow",
+        "127.0.0.0/8",
         "--allow",
         "allowed.test",
         "--resolve",
@@ -481,6 +545,8 @@ fn unwritable_audit_sink_denies_everything() {
     let up = CountingUpstream::start("127.0.0.1:0");
     // /dev/full opens fine and fails every write with ENOSPC.
     let proxy = Proxy::spawn(&[
+        "--resolved-ip-allow",
+        "127.0.0.0/8",
         "--allow",
         "allowed.test",
         "--resolve",
@@ -523,6 +589,8 @@ fn spool_dir_receives_the_record_before_the_tunnel() {
         let up = CountingUpstream::start("127.0.0.1:0");
         let spool = tempfile::tempdir().unwrap();
         let proxy = Proxy::spawn(&[
+            "--resolved-ip-allow",
+            "127.0.0.0/8",
             "--allow",
             "allowed.test",
             "--resolve",
@@ -547,6 +615,8 @@ fn spool_dir_receives_the_record_before_the_tunnel() {
     // A bad policy is a start-up error that names the flag, not a default.
     let out = std::process::Command::new(BIN)
         .args([
+            "--resolved-ip-allow",
+            "127.0.0.0/8",
             "--allow",
             "a.test",
             "--spool-dir",
@@ -608,7 +678,14 @@ fn pdp_down_or_hanging_denies_promptly() {
 
 #[test]
 fn metrics_export_the_enforcement_tier() {
-    let proxy = Proxy::spawn(&["--metrics-listen", "127.0.0.1:0", "--allow", "allowed.test"]);
+    let proxy = Proxy::spawn(&[
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--resolved-ip-allow",
+        "127.0.0.0/8",
+        "--allow",
+        "allowed.test",
+    ]);
     let m = proxy.metrics.expect("metrics addr");
     let (code, out, err) = curl(&[&format!("http://{m}/metrics")]);
     assert_eq!(code, 0, "{err}");
@@ -622,6 +699,8 @@ fn metrics_export_the_enforcement_tier() {
 fn sigterm_stops_accepting_and_exits_within_the_grace_period() {
     let up = CountingUpstream::start("127.0.0.1:0");
     let mut proxy = Proxy::spawn(&[
+        "--resolved-ip-allow",
+        "127.0.0.0/8",
         "--allow",
         "allowed.test",
         "--resolve",
@@ -657,6 +736,8 @@ fn denied_name_is_never_looked_up_in_dns() {
     let server = dns.addr.to_string();
     // Also runs the single-threaded runtime (what the proxy picks on one core).
     let proxy = Proxy::spawn(&[
+        "--resolved-ip-allow",
+        "127.0.0.0/8",
         "--allow",
         "allowed.test",
         "--dns-server",

@@ -166,6 +166,8 @@ fn start_in(ns: Netns, extra: &[&str]) -> Option<(Netns, Proxy)> {
         MARK,
         "--peek-timeout-ms",
         "300",
+        "--resolved-ip-allow",
+        "10.77.0.0/16",
         "--allow",
         "allowed.test",
         "--resolve",

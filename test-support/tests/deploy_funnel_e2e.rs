@@ -244,6 +244,9 @@ fn deploy_funnel_with_real_proxy_and_sinkhole() {
             "--transparent-listen=127.0.0.1:7481",
             "--allow=allowed.test",
             "--resolve=allowed.test=192.0.2.2",
+            // 192.0.2.0/24 is special-purpose (documentation): the
+            // rebinding guard needs it named.
+            "--resolved-ip-allow=192.0.2.0/24",
             "--dns-server=none",
         ],
         &["transparent"],
