@@ -731,13 +731,15 @@ fn sigterm_stops_accepting_and_exits_within_the_grace_period() {
 /// proves the DNS server is really in the path.
 #[test]
 fn denied_name_is_never_looked_up_in_dns() {
-    let dns = CountingDns::start();
+    let dns = counting_dns();
     let up = CountingUpstream::start("127.0.0.1:0");
     let server = dns.addr.to_string();
     // Also runs the single-threaded runtime (what the proxy picks on one core).
+    // The fake DNS answers A with 127.0.0.1 and AAAA with 2001:db8::1: both
+    // special-purpose, both named for the rebinding guard.
     let proxy = Proxy::spawn(&[
         "--resolved-ip-allow",
-        "127.0.0.0/8",
+        "127.0.0.0/8,2001:db8::/32",
         "--allow",
         "allowed.test",
         "--dns-server",

@@ -262,7 +262,7 @@ fn denied_sni_is_never_looked_up_in_dns() {
     let Some(ns) = new_netns() else {
         return;
     };
-    let dns = ns.within(CountingDns::start);
+    let dns = ns.within(counting_dns);
     let server = dns.addr.to_string();
     let Some((ns, proxy)) = start_in(ns, &["--dns-server", &server]) else {
         return;
@@ -375,7 +375,7 @@ fn denied_host_later_in_keep_alive_is_never_looked_up() {
     let Some(ns) = new_netns() else {
         return;
     };
-    let dns = ns.within(CountingDns::start);
+    let dns = ns.within(counting_dns);
     let server = dns.addr.to_string();
     let Some((ns, proxy)) = start_in(ns, &["--dns-server", &server]) else {
         return;

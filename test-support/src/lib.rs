@@ -6,6 +6,8 @@
 //! Everything here cleans up on drop, including on panic, so a failing test
 //! never leaves a process or a namespace behind.
 
+pub mod dns;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;

@@ -2,16 +2,18 @@
 //! counting upstream DNS server, `dig`, and a raw DNS client.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, SOA};
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::op::{Message, MessageType, OpCode, Query};
+use hickory_proto::rr::{Name, RecordType};
+
+/// The counting upstream DNS server (shared with the proxy's tests).
+#[allow(unused_imports)]
+pub use secureops_test_support::dns::FakeDns as Upstream;
 
 /// The sinkhole binary, killed on drop.
 pub struct Sinkhole {
@@ -89,179 +91,6 @@ impl Sinkhole {
 ///   truncated (TC, no records) when it does not fit the asker's payload.
 /// * `nx*`   names: NXDOMAIN with an SOA.
 /// * anything else: A 192.0.2.1 / AAAA 2001:db8::1, TTL 300.
-pub struct Upstream {
-    pub addr: SocketAddr,
-    pub udp_queries: Arc<AtomicUsize>,
-    pub tcp_queries: Arc<AtomicUsize>,
-    pub names: Arc<Mutex<Vec<String>>>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-pub fn answer_for(req: &Message, max_payload: Option<u16>) -> Vec<u8> {
-    let mut resp = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
-    resp.metadata.recursion_desired = req.metadata.recursion_desired;
-    resp.metadata.recursion_available = true;
-    resp.metadata.authoritative = true;
-    let Some(q) = req.queries.first() else {
-        resp.metadata.response_code = ResponseCode::FormErr;
-        return resp.to_vec().unwrap_or_default();
-    };
-    resp.add_query(q.clone());
-    let name = q.name().clone();
-    let first = name.to_ascii().to_ascii_lowercase();
-    if first.starts_with("nx") {
-        resp.metadata.response_code = ResponseCode::NXDomain;
-        let soa = SOA::new(
-            Name::from_ascii("ns.test.").unwrap(),
-            Name::from_ascii("admin.test.").unwrap(),
-            1,
-            3600,
-            600,
-            86400,
-            30,
-        );
-        resp.add_authority(Record::from_rdata(
-            Name::from_ascii("test.").unwrap(),
-            30,
-            RData::SOA(soa),
-        ));
-    } else if first.starts_with("big") && q.query_type() == RecordType::A {
-        for i in 0..100u8 {
-            resp.add_answer(Record::from_rdata(
-                name.clone(),
-                300,
-                RData::A(A(Ipv4Addr::new(198, 51, 100, i))),
-            ));
-        }
-    } else if q.query_type() == RecordType::A {
-        resp.add_answer(Record::from_rdata(
-            name.clone(),
-            300,
-            RData::A(A(Ipv4Addr::new(192, 0, 2, 1))),
-        ));
-    } else if q.query_type() == RecordType::AAAA {
-        resp.add_answer(Record::from_rdata(
-            name.clone(),
-            300,
-            RData::AAAA(AAAA(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1))),
-        ));
-    }
-    if req.edns.is_some() {
-        let mut e = Edns::new();
-        e.set_max_payload(1232);
-        resp.set_edns(e);
-    }
-    let bytes = resp.to_vec().unwrap_or_default();
-    if let Some(limit) = max_payload
-        && bytes.len() > usize::from(limit)
-    {
-        let mut tc = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
-        tc.metadata.truncation = true;
-        tc.metadata.recursion_available = true;
-        tc.add_query(q.clone());
-        return tc.to_vec().unwrap_or_default();
-    }
-    bytes
-}
-
-impl Upstream {
-    pub fn start() -> Upstream {
-        // UDP picks the port; TCP must get the same number, which another
-        // test may hold: retry with a fresh UDP port.
-        for _ in 0..50 {
-            let udp = UdpSocket::bind("127.0.0.1:0").expect("bind upstream udp");
-            let addr = udp.local_addr().unwrap();
-            match TcpListener::bind(addr) {
-                Ok(tcp) => return Self::start_on(udp, tcp),
-                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
-                Err(e) => panic!("bind upstream tcp: {e}"),
-            }
-        }
-        panic!("no port free for both UDP and TCP");
-    }
-
-    /// Serve on already-bound sockets (e.g. bound inside a netns).
-    pub fn start_on(udp: UdpSocket, tcp: TcpListener) -> Upstream {
-        let addr = udp.local_addr().unwrap();
-        let udp_queries = Arc::new(AtomicUsize::new(0));
-        let tcp_queries = Arc::new(AtomicUsize::new(0));
-        let names = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        udp.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        {
-            let (count, names, stop) = (udp_queries.clone(), names.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok((n, src)) = udp.recv_from(&mut buf) else {
-                        continue;
-                    };
-                    let Ok(req) = Message::from_vec(&buf[..n]) else {
-                        continue;
-                    };
-                    count.fetch_add(1, Ordering::SeqCst);
-                    if let Some(q) = req.queries.first() {
-                        names.lock().unwrap().push(q.name().to_ascii());
-                    }
-                    let payload = req.edns.as_ref().map_or(512, |e| e.max_payload().max(512));
-                    let _ = udp.send_to(&answer_for(&req, Some(payload)), src);
-                }
-            });
-        }
-        tcp.set_nonblocking(true).unwrap();
-        {
-            let (count, names, stop) = (tcp_queries.clone(), names.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok((mut s, _)) = tcp.accept() else {
-                        std::thread::sleep(Duration::from_millis(10));
-                        continue;
-                    };
-                    let _ = s.set_nonblocking(false);
-                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                    let mut len = [0u8; 2];
-                    if s.read_exact(&mut len).is_err() {
-                        continue;
-                    }
-                    let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
-                    if s.read_exact(&mut buf).is_err() {
-                        continue;
-                    }
-                    let Ok(req) = Message::from_vec(&buf) else {
-                        continue;
-                    };
-                    count.fetch_add(1, Ordering::SeqCst);
-                    if let Some(q) = req.queries.first() {
-                        names.lock().unwrap().push(q.name().to_ascii());
-                    }
-                    let out = answer_for(&req, None);
-                    let mut framed = (out.len() as u16).to_be_bytes().to_vec();
-                    framed.extend_from_slice(&out);
-                    let _ = s.write_all(&framed);
-                }
-            });
-        }
-        Upstream {
-            addr,
-            udp_queries,
-            tcp_queries,
-            names,
-            stop,
-        }
-    }
-
-    pub fn total(&self) -> usize {
-        self.udp_queries.load(Ordering::SeqCst) + self.tcp_queries.load(Ordering::SeqCst)
-    }
-}
-
 /// Result of one `dig` run.
 #[derive(Debug)]
 pub struct Dig {

@@ -427,54 +427,8 @@ pub fn with_reason<'a>(recs: &'a [serde_json::Value], reason: &str) -> Vec<&'a s
     recs.iter().filter(|r| r["reason"] == reason).collect()
 }
 
-/// A UDP DNS server that answers every A question with 127.0.0.1 and
-/// records each question name it was asked.
-pub struct CountingDns {
-    pub addr: std::net::SocketAddr,
-    names: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl CountingDns {
-    pub fn start() -> CountingDns {
-        let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind dns");
-        let addr = sock.local_addr().expect("addr");
-        let names = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let seen = names.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 1500];
-            while let Ok((n, from)) = sock.recv_from(&mut buf) {
-                let q = &buf[..n];
-                if n < 12 {
-                    continue;
-                }
-                // Question name (uncompressed labels) and its end.
-                let (mut i, mut labels) = (12, Vec::new());
-                while i < n && q[i] != 0 {
-                    let l = q[i] as usize;
-                    labels
-                        .push(String::from_utf8_lossy(&q[i + 1..(i + 1 + l).min(n)]).into_owned());
-                    i += 1 + l;
-                }
-                let qend = i + 5;
-                if qend > n {
-                    continue;
-                }
-                let qtype = u16::from_be_bytes([q[i + 1], q[i + 2]]);
-                seen.lock().unwrap().push(labels.join("."));
-                let mut r = q[..qend].to_vec();
-                r[2] = 0x81; // QR, RD
-                r[3] = 0x80; // RA, NOERROR
-                r[6..12].copy_from_slice(&[0, u8::from(qtype == 1), 0, 0, 0, 0]);
-                if qtype == 1 {
-                    r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 127, 0, 0, 1]);
-                }
-                let _ = sock.send_to(&r, from);
-            }
-        });
-        CountingDns { addr, names }
-    }
-
-    pub fn asked(&self) -> Vec<String> {
-        self.names.lock().unwrap().clone()
-    }
+/// A DNS server (UDP and TCP) that answers every A question with 127.0.0.1
+/// and records each question name it was asked (`asked()`).
+pub fn counting_dns() -> secureops_test_support::dns::FakeDns {
+    secureops_test_support::dns::FakeDns::answering(std::net::Ipv4Addr::LOCALHOST)
 }
