@@ -15,7 +15,15 @@ use hickory_proto::rr::{Name, RData, Record, RecordType};
 /// What A queries get unless the server was started with another address.
 pub const DEFAULT_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 
-/// The server; stops on drop.
+/// A tiny authoritative-for-everything upstream that counts what it gets.
+///
+/// * `big*`  names: 100 A records (≈1.7 kB): over UDP the answer is
+///   truncated (TC, no records) when it does not fit the asker's payload.
+/// * `nx*`   names: NXDOMAIN with an SOA.
+/// * anything else: A 192.0.2.1 (or the address given to
+///   [`FakeDns::answering`]) / AAAA 2001:db8::1, TTL 300.
+///
+/// Stops on drop.
 pub struct FakeDns {
     pub addr: SocketAddr,
     /// Queries answered over UDP / TCP.

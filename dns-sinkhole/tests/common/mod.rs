@@ -85,12 +85,6 @@ impl Sinkhole {
     }
 }
 
-/// A tiny authoritative-for-everything upstream that counts what it gets.
-///
-/// * `big*`  names: 100 A records (≈1.7 kB): over UDP the answer is
-///   truncated (TC, no records) when it does not fit the asker's payload.
-/// * `nx*`   names: NXDOMAIN with an SOA.
-/// * anything else: A 192.0.2.1 / AAAA 2001:db8::1, TTL 300.
 /// Result of one `dig` run.
 #[derive(Debug)]
 pub struct Dig {
