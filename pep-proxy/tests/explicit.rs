@@ -317,26 +317,11 @@ fn plain_http_keep_alive_decides_and_audits_every_request() {
         ("denied.test", "403"),
         ("allowed.test", "200"),
     ] {
-        write!(
-            s,
-            "GET http://{host}:{port}/x HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n"
-        )
-        .unwrap();
-        let head = read_head(&mut s);
-        assert!(
-            head.starts_with(&format!("HTTP/1.1 {expect}")),
-            "{host}: {head}"
+        exchange(
+            &mut s,
+            &format!("GET http://{host}:{port}/x HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n"),
+            expect,
         );
-        let len: usize = head
-            .lines()
-            .find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("content-length:")
-                    .map(|v| v.trim().parse().unwrap())
-            })
-            .expect("content-length");
-        let mut body = vec![0u8; len];
-        s.read_exact(&mut body).unwrap();
     }
     let recs = proxy.settled_audit(5);
     assert_eq!(recs[3]["decision"], "deny");

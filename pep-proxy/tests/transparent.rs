@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::process::{Command, Stdio};
@@ -186,6 +186,16 @@ fn start_in(ns: Netns, extra: &[&str]) -> Option<(Netns, Proxy)> {
     Some((ns, proxy))
 }
 
+/// Like [`setup`], with the proxy resolving through a counting DNS server
+/// inside the namespace (which answers every A question with 127.0.0.1).
+fn setup_with_counting_dns() -> Option<(Netns, Proxy, secureops_test_support::dns::FakeDns)> {
+    let ns = new_netns()?;
+    let dns = ns.within(counting_dns);
+    let server = dns.addr.to_string();
+    let (ns, proxy) = start_in(ns, &["--dns-server", &server])?;
+    Some((ns, proxy, dns))
+}
+
 /// A ClientHello for `sni` sent to `dst` through the redirect is answered
 /// with nothing but a TCP RST.
 fn assert_hello_reset(ns: &Netns, dst: &str, sni: &str) {
@@ -259,12 +269,7 @@ fn denied_sni_gets_rst_and_the_upstream_sees_nothing() {
 /// against the original destination would leak it to DNS first.
 #[test]
 fn denied_sni_is_never_looked_up_in_dns() {
-    let Some(ns) = new_netns() else {
-        return;
-    };
-    let dns = ns.within(counting_dns);
-    let server = dns.addr.to_string();
-    let Some((ns, proxy)) = start_in(ns, &["--dns-server", &server]) else {
+    let Some((ns, proxy, dns)) = setup_with_counting_dns() else {
         return;
     };
     let up = CountingUpstream::from_listener(ns.listen("10.77.0.3:443"), false);
@@ -338,22 +343,11 @@ fn transparent_plain_http_decides_every_request() {
         ("denied.test", "403"),
         ("allowed.test", "200"),
     ] {
-        write!(s, "GET /p HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
-        let head = read_head(&mut s);
-        assert!(
-            head.starts_with(&format!("HTTP/1.1 {expect}")),
-            "{host}: {head}"
+        exchange(
+            &mut s,
+            &format!("GET /p HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+            expect,
         );
-        let len: usize = head
-            .lines()
-            .find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("content-length:")
-                    .map(|v| v.trim().parse().unwrap())
-            })
-            .expect("content-length");
-        let mut body = vec![0u8; len];
-        s.read_exact(&mut body).unwrap();
     }
     // First request decided before hyper, the next two inside it: 3 records.
     let recs = proxy.settled_audit(3);
@@ -372,33 +366,17 @@ fn transparent_plain_http_decides_every_request() {
 /// request was allowed.
 #[test]
 fn denied_host_later_in_keep_alive_is_never_looked_up() {
-    let Some(ns) = new_netns() else {
-        return;
-    };
-    let dns = ns.within(counting_dns);
-    let server = dns.addr.to_string();
-    let Some((ns, proxy)) = start_in(ns, &["--dns-server", &server]) else {
+    let Some((ns, proxy, dns)) = setup_with_counting_dns() else {
         return;
     };
     let up = CountingUpstream::from_listener(ns.listen("10.77.0.2:80"), true);
     let mut s = ns.connect("10.77.0.2:80");
     for (host, expect) in [("allowed.test", "200"), ("c2VjcmV0.attacker.test", "403")] {
-        write!(s, "GET /p HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
-        let head = read_head(&mut s);
-        assert!(
-            head.starts_with(&format!("HTTP/1.1 {expect}")),
-            "{host}: {head}"
+        exchange(
+            &mut s,
+            &format!("GET /p HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+            expect,
         );
-        let len: usize = head
-            .lines()
-            .find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("content-length:")
-                    .map(|v| v.trim().parse().unwrap())
-            })
-            .expect("content-length");
-        let mut body = vec![0u8; len];
-        s.read_exact(&mut body).unwrap();
     }
     let recs = proxy.settled_audit(2);
     assert_eq!(recs[0]["decision"], "allow");

@@ -353,6 +353,29 @@ pub fn connect_via(proxy: SocketAddr, target: &str) -> (TcpStream, String) {
 
 /// Read until `\r\n\r\n` (bounded), byte by byte so nothing after the head
 /// is consumed.
+/// Send one HTTP/1.1 `request` on a keep-alive connection and read its whole
+/// response (head and `Content-Length` body); the status must be `expect`.
+pub fn exchange(s: &mut TcpStream, request: &str, expect: &str) -> String {
+    use std::io::{Read, Write};
+    s.write_all(request.as_bytes()).unwrap();
+    let head = read_head(s);
+    assert!(
+        head.starts_with(&format!("HTTP/1.1 {expect}")),
+        "{request:?}: {head}"
+    );
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .expect("content-length");
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    head
+}
+
 pub fn read_head(s: &mut TcpStream) -> String {
     let mut out = Vec::new();
     let mut b = [0u8; 1];
