@@ -65,7 +65,9 @@ async fn relay(mut client: TcpStream, hosts: &HashMap<String, IpAddr>) -> Result
     let line = std::str::from_utf8(line)?;
     let mut parts = line.split(' ');
     let (Some("CONNECT"), Some(authority)) = (parts.next(), parts.next()) else {
-        client.write_all(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n").await?;
+        client
+            .write_all(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
+            .await?;
         bail!("not CONNECT");
     };
     let (host, port) = authority.rsplit_once(':').context("no port")?;
