@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::decision::{ConnectionRequest, Decision, PdpFuture, PdpOutcome, PolicyDecisionPoint};
-use crate::special_ip::classify_ip;
+use crate::special_ip::rebinding_violation;
 
 /// Why an allowlist entry was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -30,7 +30,7 @@ pub enum AllowlistError {
 /// The PDP's DNS-rebinding guard applies here too (DESIGN §4): an allowed
 /// name whose dialled or resolved address is special-purpose (loopback,
 /// RFC 1918, link-local and the metadata address, ...; see
-/// [`classify_ip`]) is denied `dns_rebinding`, unless one of
+/// [`crate::classify_ip`]) is denied `dns_rebinding`, unless one of
 /// [`AllowlistPdp::with_resolved_ip_allow`]'s ranges covers it. Without
 /// it, `*.example.com` would let whoever controls one name under it point
 /// the agent at `169.254.169.254`.
@@ -94,12 +94,8 @@ impl AllowlistPdp {
     /// The DNS-rebinding guard: a dialled or resolved address that is
     /// special-purpose and not covered by `resolved_ip_allow`.
     fn rebinding_violation(&self, req: &ConnectionRequest) -> bool {
-        req.ip.iter().chain(req.resolved_ips.iter()).any(|&ip| {
-            classify_ip(ip).is_some()
-                && !self
-                    .resolved_ip_allow
-                    .iter()
-                    .any(|n| n.contains(&ip) || n.contains(&ip.to_canonical()))
+        rebinding_violation(req.ip.iter().chain(&req.resolved_ips).copied(), |ip| {
+            self.resolved_ip_allow.iter().any(|n| n.contains(&ip))
         })
     }
 

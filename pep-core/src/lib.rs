@@ -46,7 +46,7 @@ pub use decision::{
     ProcessIdentity,
 };
 pub use secureops_proto::v1::{AuditFinding, HostSource, Transport};
-pub use special_ip::{SpecialRange, classify_ip};
+pub use special_ip::{SpecialRange, classify_ip, rebinding_violation};
 
 pub use attribution::{AttributionLimits, Attributor, SocketKind};
 pub use breaker::{BreakerConfig, BreakerOpen, BreakerState};

@@ -244,6 +244,20 @@ pub fn classify_ip(ip: IpAddr) -> Option<SpecialRange> {
     }
 }
 
+/// The DNS-rebinding rule (DESIGN §4) over the addresses of one named
+/// destination: some address is special-purpose and `allowed` covers
+/// neither it nor its canonical form (an IPv4-mapped address counts as its
+/// IPv4 address). The PDP passes its `resolved_ip_allow`, the standalone
+/// `AllowlistPdp` its `--resolved-ip-allow`, and the proxy nothing (to ask
+/// whether an answer could trip the guard at all).
+pub fn rebinding_violation(
+    ips: impl IntoIterator<Item = IpAddr>,
+    allowed: impl Fn(IpAddr) -> bool,
+) -> bool {
+    ips.into_iter()
+        .any(|ip| classify_ip(ip).is_some() && !allowed(ip) && !allowed(ip.to_canonical()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

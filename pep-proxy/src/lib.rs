@@ -37,7 +37,7 @@ use bytes::BufMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 
-use secureops_pep::classify_ip;
+use secureops_pep::rebinding_violation;
 pub use secureops_pep::{
     AllowlistPdp, AuditFinding, ConnectionRequest, Decision, FailMode, HostSource, PdpOutcome,
     PolicyDecisionPoint, ProcessIdentity, Transport,
@@ -409,11 +409,9 @@ impl EgressProxy {
     /// side of this contract is checked by its
     /// `ordinary_answers_never_change_a_name_decision` property test.
     async fn confirm_answer(&self, req: &ConnectionRequest, pre: PdpOutcome) -> PdpOutcome {
-        let special = req
-            .ip
-            .iter()
-            .chain(req.resolved_ips.iter())
-            .any(|&ip| classify_ip(ip).is_some());
+        // With nothing allowed: could this answer trip the guard at all?
+        let special =
+            rebinding_violation(req.ip.iter().chain(&req.resolved_ips).copied(), |_| false);
         if special {
             self.ask_pdp(req).await
         } else {
@@ -1111,6 +1109,7 @@ fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use secureops_pep::classify_ip;
 
     #[test]
     fn header_values_are_sanitised() {

@@ -1186,10 +1186,8 @@ impl Compiled {
     /// DNS-rebinding guard: every address an allowed name resolves to must
     /// be ordinary, or covered by `resolved_ip_allow`.
     fn rebinding_violation(&self, req: &EvalRequest<'_>) -> bool {
-        req.ip.iter().chain(req.resolved_ips.iter()).any(|&ip| {
-            classify_ip(ip).is_some()
-                && !self.resolved_ip_allow.contains(ip)
-                && !self.resolved_ip_allow.contains(ip.to_canonical())
+        secureops_pep::rebinding_violation(req.ip.iter().chain(req.resolved_ips).copied(), |ip| {
+            self.resolved_ip_allow.contains(ip)
         })
     }
 
