@@ -1252,6 +1252,50 @@ mod tests {
         assert_eq!(proxy.metrics.dns_lookups_avoided.get(), 1);
     }
 
+    /// An allowed name that does not resolve, or whose DNS server is silent,
+    /// is denied after one check, in both modes; nothing is dialled.
+    #[tokio::test]
+    async fn resolver_failures_deny() {
+        let pdp = Arc::new(RecordingPdp::default());
+        let proxy = proxy_with(pdp.clone(), &[]);
+        let mut req = named("gone.allowed.test");
+        let out = proxy.decide(&mut req, None).await;
+        assert!(!out.decision.is_allow());
+        assert_eq!(out.reason, "unresolvable_host");
+        assert_eq!(req.ip, None);
+
+        // A DNS server that never answers.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let resolver = Resolver::new(
+            &[],
+            Some(silent.local_addr().unwrap()),
+            true,
+            Duration::from_millis(200),
+        )
+        .unwrap();
+        let proxy = EgressProxy::new(
+            ProxyConfig::default(),
+            pdp.clone(),
+            Arc::new(audit::TracingAuditLog::new()),
+            resolver,
+            ProxyMetrics::new(),
+        );
+        for orig in [None, Some("93.184.216.34".parse().unwrap())] {
+            pdp.0.lock().unwrap().clear();
+            let mut req = named("slow.allowed.test");
+            req.ip = orig;
+            let (out, _) = proxy.decide_name(&mut req, orig).await;
+            assert!(!out.decision.is_allow(), "{orig:?}: {out:?}");
+            assert_eq!(out.reason, "fail_closed:dns_unavailable", "{orig:?}");
+            assert!(req.resolved_ips.is_empty());
+            assert_eq!(
+                pdp.0.lock().unwrap().len(),
+                1,
+                "no confirmation without an answer"
+            );
+        }
+    }
+
     /// Transparent mode: the answer must contain the original destination
     /// before anything else, and a special original destination is itself
     /// part of the answer check.
