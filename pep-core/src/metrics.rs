@@ -37,6 +37,10 @@ pub struct PepMetrics {
     pub spool_appends: Family<Labels1, Counter>,
     /// `secureops_pep_audit_spool_unacked_records`.
     pub spool_unacked: Gauge,
+    /// `secureops_pep_audit_spool_deferred_total`: single records handed to
+    /// the writer thread because a sync or another write was running (the
+    /// rest are written on the caller's thread).
+    pub spool_deferred: Counter,
     /// `secureops_pep_audit_shipped_total` (acked by the audit service).
     pub shipped: Counter,
     /// `secureops_pep_audit_shipper_connected`.
@@ -56,6 +60,7 @@ impl Default for PepMetrics {
             watch_connected: Gauge::default(),
             spool_appends: Family::default(),
             spool_unacked: Gauge::default(),
+            spool_deferred: Counter::default(),
             shipped: Counter::default(),
             shipper_connected: Gauge::default(),
         }
@@ -108,6 +113,11 @@ impl PepMetrics {
             "secureops_pep_audit_spool_unacked_records",
             "Audit records spooled but not yet acknowledged",
             self.spool_unacked.clone(),
+        );
+        registry.register(
+            "secureops_pep_audit_spool_deferred",
+            "Records handed to the spool's writer thread because a sync or write was running",
+            self.spool_deferred.clone(),
         );
         registry.register(
             "secureops_pep_audit_shipped",

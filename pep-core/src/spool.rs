@@ -11,16 +11,19 @@
 //! full, disk error, failed sync) the PEP must deny with
 //! `fail_closed:audit_spool`: an attempt we cannot audit does not happen.
 //!
-//! Threads: callers encode their record (the expensive part) and queue it;
-//! the `audit-spool` writer thread gives it its `source_seq` and writes
-//! everything queued with one `write(2)`, then completes the callers. The
-//! write is kept off the tokio workers on purpose: an append that lands
-//! while `fdatasync` runs on the same file can block for a millisecond
-//! (measured: `perf trace` on the proxy), and on an event loop that would
-//! stall every tunnel, not just the new connection. The
-//! `audit-spool-sync` thread owns every `fdatasync`; a per-connection
-//! `fdatasync` was the single biggest cost of a proxied tunnel
-//! (`pep-proxy/BENCH_NOTES.md`).
+//! Threads: callers encode their record (the expensive part) and, when no
+//! `fdatasync` and no other write is running (`try_lock` on both), write it
+//! on their own thread: a few µs, and no thread hand-off. Otherwise they
+//! queue it for the `audit-spool` writer thread, which gives it its
+//! `source_seq`, writes everything queued with one `write(2)`, then
+//! completes the callers. An append that lands while `fdatasync` runs on
+//! the same file can block for a millisecond (measured: `perf trace` on the
+//! proxy), and on an event loop that would stall every tunnel, not just the
+//! new connection; the two hand-offs (wake the writer, wake the caller) on
+//! every record were the largest share of the proxy's cost beyond relaying
+//! (`pep-proxy/BENCH_NOTES.md`, session 6). The `audit-spool-sync` thread
+//! owns every `fdatasync`; a per-connection `fdatasync` was the single
+//! biggest cost of a proxied tunnel (`pep-proxy/BENCH_NOTES.md`).
 //!
 //! Layout of the spool directory:
 //!
@@ -233,6 +236,12 @@ struct Shared {
     limits: SpoolLimits,
     state: Mutex<State>,
     appender: Mutex<Appender>,
+    /// Held by the sync thread for the length of its `fdatasync`s. A
+    /// record is appended on the caller's thread only when this and
+    /// `appender` are both free at once (`try_lock`): then the write cannot
+    /// land on a running sync, nor queue behind a writer-thread write that
+    /// did, so it takes microseconds and never stalls the event loop.
+    sync_gate: Mutex<()>,
     sync_work: Mutex<SyncWork>,
     sync_cv: Condvar,
     synced: watch::Sender<Synced>,
@@ -582,6 +591,7 @@ impl AuditSpool {
             error: counter("error"),
             metrics,
             persist_lock: Mutex::new(()),
+            sync_gate: Mutex::new(()),
             _dir_lock: dir_lock,
         });
         shared.update_gauge();
@@ -628,6 +638,19 @@ impl AuditSpool {
             self.shared.error.inc();
             return Err(SpoolError::TooLarge(body.len()));
         }
+        // Fast path: no sync running and no writer-thread write in
+        // progress, so the append cannot block; doing it here saves the two
+        // thread hand-offs (writer wake-up, caller wake-up) that were the
+        // largest share of the proxy's per-tunnel cost beyond relaying
+        // (pep-proxy/BENCH_NOTES.md, session 6).
+        if let Some(res) = self.shared.try_append_now(&body) {
+            let seq = res?;
+            if self.shared.limits.sync == SpoolSync::Always {
+                self.wait_synced(seq).await?;
+            }
+            return Ok(seq);
+        }
+        self.shared.metrics.spool_deferred.inc();
         let range = self.submit(vec![body]).await?;
         Ok(*range.end())
     }
@@ -894,13 +917,29 @@ impl Shared {
         bodies: impl Iterator<Item = &'a [u8]>,
     ) -> Result<RangeInclusive<u64>, SpoolError> {
         let mut ap = self.appender.lock();
-        let res = self.append_locked(&mut ap, bodies);
+        self.counted(self.append_locked(&mut ap, bodies))
+    }
+
+    /// Count an append's outcome in the spool's metrics.
+    fn counted(
+        &self,
+        res: Result<RangeInclusive<u64>, SpoolError>,
+    ) -> Result<RangeInclusive<u64>, SpoolError> {
         match &res {
             Ok(r) => self.ok.inc_by(r.end() - r.start() + 1),
             Err(SpoolError::Full { .. }) => self.full.inc(),
             Err(_) => self.error.inc(),
         };
         res
+    }
+
+    /// Append one encoded body on the calling thread if that cannot block
+    /// (see `sync_gate`); `None` means "busy, hand it to the writer thread".
+    fn try_append_now(&self, body: &[u8]) -> Option<Result<u64, SpoolError>> {
+        let _gate = self.sync_gate.try_lock()?;
+        let mut ap = self.appender.try_lock()?;
+        let res = self.counted(self.append_locked(&mut ap, std::iter::once(body)));
+        Some(res.map(|r| *r.end()))
     }
 
     fn append_locked<'a>(
@@ -1168,10 +1207,13 @@ impl Shared {
                 w.dirty = false;
                 (w.written, w.file.clone(), std::mem::take(&mut w.retired))
             };
-            let res = retired
-                .iter()
-                .chain(file.iter())
-                .try_for_each(|f| self.sync_data(f));
+            let res = {
+                let _gate = self.sync_gate.lock();
+                retired
+                    .iter()
+                    .chain(file.iter())
+                    .try_for_each(|f| self.sync_data(f))
+            };
             match res {
                 Ok(()) => {
                     self.synced
@@ -1211,6 +1253,67 @@ mod tests {
             port: 443,
             ..AuditFinding::default()
         }
+    }
+
+    /// Lock `which` on another thread, as the sync or writer thread would;
+    /// calling the returned closure releases it.
+    fn held_elsewhere<T: Send + 'static>(
+        shared: Arc<Shared>,
+        which: fn(&Shared) -> &Mutex<T>,
+    ) -> impl FnOnce() {
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let _g = which(&shared).lock();
+            locked_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+        });
+        locked_rx.recv().unwrap();
+        move || {
+            drop(release_tx);
+            t.join().unwrap();
+        }
+    }
+
+    /// A record is written on the caller's thread only while no sync runs:
+    /// with the sync gate held (as during `fdatasync`) it goes through the
+    /// writer thread and still succeeds, without waiting for the gate.
+    #[tokio::test]
+    async fn a_record_never_waits_for_a_running_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = AuditSpool::open(dir.path(), SpoolLimits::default()).unwrap();
+        let deferred = || spool.metrics().spool_deferred.get();
+        assert_eq!(spool.record(finding("a.test")).await.unwrap(), 1);
+        assert_eq!(deferred(), 0, "inline when nothing runs");
+        let sync_running = held_elsewhere(spool.shared.clone(), |s| &s.sync_gate);
+        let seq = tokio::time::timeout(Duration::from_secs(5), spool.record(finding("b.test")))
+            .await
+            .expect("record must not wait for the sync")
+            .unwrap();
+        assert_eq!(seq, 2);
+        assert_eq!(deferred(), 1, "handed to the writer thread");
+        sync_running();
+        // A writer-thread write in progress defers too.
+        let writing = held_elsewhere(spool.shared.clone(), |s| &s.appender);
+        let late = spool.record(finding("c.test"));
+        tokio::pin!(late);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut late)
+                .await
+                .is_err(),
+            "queued behind the busy appender, not written inline"
+        );
+        assert_eq!(deferred(), 2);
+        writing();
+        assert_eq!(late.await.unwrap(), 3);
+        assert_eq!(spool.record(finding("d.test")).await.unwrap(), 4);
+        assert_eq!(deferred(), 2, "inline again");
+        let hosts: Vec<String> = spool
+            .unacked_after(0, 10)
+            .into_iter()
+            .filter_map(|r| r.finding.map(|f| f.host))
+            .collect();
+        assert_eq!(hosts, ["a.test", "b.test", "c.test", "d.test"]);
     }
 
     /// The borrowed encoding is byte for byte the owned one, for an empty
