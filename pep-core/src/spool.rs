@@ -50,6 +50,7 @@
 //! after it in that segment were never acknowledged to a caller if it was
 //! the tail (the only place a crash can tear).
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -299,6 +300,27 @@ fn encode_body(finding: AuditFinding, trace_parent: String) -> Vec<u8> {
         trace_parent,
     }
     .encode_to_vec()
+}
+
+/// The spool body of `finding` inside the caller's span: an empty
+/// `trace_id` is filled from the span and its W3C `traceparent` goes into
+/// `AuditRecord.trace_parent`. Outside any OpenTelemetry span there is
+/// nothing to add, and a borrowed finding is encoded without a clone.
+fn body_with_trace(finding: Cow<'_, AuditFinding>) -> Vec<u8> {
+    match crate::grpc::current_span_context() {
+        Some(sc) => {
+            let mut finding = finding.into_owned();
+            if finding.trace_id.is_empty() {
+                finding.trace_id = sc.trace_id().to_string();
+            }
+            encode_body(finding, crate::grpc::traceparent(&sc))
+        }
+        None => {
+            let mut out = Vec::with_capacity(finding.encoded_len() + 4);
+            encode_finding_body(&finding, &mut out);
+            out
+        }
+    }
 }
 
 impl SpoolError {
@@ -623,17 +645,19 @@ impl AuditSpool {
     /// span's W3C `traceparent` goes into `AuditRecord.trace_parent` (spooled
     /// with the record, so it survives a restart) for the audit service to
     /// join the trace.
-    pub async fn record(&self, mut finding: AuditFinding) -> Result<u64, SpoolError> {
-        let trace_parent = match crate::grpc::current_span_context() {
-            Some(sc) => {
-                if finding.trace_id.is_empty() {
-                    finding.trace_id = sc.trace_id().to_string();
-                }
-                crate::grpc::traceparent(&sc)
-            }
-            None => String::new(),
-        };
-        let body = encode_body(finding, trace_parent);
+    pub async fn record(&self, finding: AuditFinding) -> Result<u64, SpoolError> {
+        self.record_body(body_with_trace(Cow::Owned(finding))).await
+    }
+
+    /// [`AuditSpool::record`] for a borrowed finding: without OpenTelemetry
+    /// (nothing to stamp into it) the finding is encoded in place, not
+    /// cloned first.
+    pub async fn record_ref(&self, finding: &AuditFinding) -> Result<u64, SpoolError> {
+        self.record_body(body_with_trace(Cow::Borrowed(finding)))
+            .await
+    }
+
+    async fn record_body(&self, body: Vec<u8>) -> Result<u64, SpoolError> {
         if body.len() + FRAME_HEADER > MAX_FRAME {
             self.shared.error.inc();
             return Err(SpoolError::TooLarge(body.len()));

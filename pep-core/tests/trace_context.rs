@@ -118,14 +118,31 @@ async fn spool_stamps_trace_id_of_current_span() {
     let span = tracing::info_span!("connection");
     let tid = span.context().span().span_context().trace_id().to_string();
     spool.record(f("")).instrument(span.clone()).await.unwrap();
-    spool.record(f("explicit")).instrument(span).await.unwrap();
+    spool
+        .record(f("explicit"))
+        .instrument(span.clone())
+        .await
+        .unwrap();
     spool.record(f("")).await.unwrap();
+    // The borrowed form (what the proxy uses) stamps the same way.
+    let borrowed = f("");
+    spool.record_ref(&borrowed).instrument(span).await.unwrap();
+    spool.record_ref(&borrowed).await.unwrap();
     let got: Vec<String> = spool
         .unacked_after(0, 10)
         .iter()
         .map(|r| r.finding.as_ref().unwrap().trace_id.clone())
         .collect();
-    assert_eq!(got, vec![tid, "explicit".to_string(), String::new()]);
+    assert_eq!(
+        got,
+        vec![
+            tid.clone(),
+            "explicit".to_string(),
+            String::new(),
+            tid,
+            String::new()
+        ]
+    );
 }
 
 /// The spool also records the span's W3C `traceparent` in

@@ -52,7 +52,7 @@ impl AuditSink for SpoolAuditSink {
     fn record<'a>(&'a self, finding: &'a AuditFinding) -> AuditFuture<'a> {
         Box::pin(async move {
             self.0
-                .record(finding.clone())
+                .record_ref(finding)
                 .await
                 .map_err(|e| AuditError::Unavailable(e.to_string()))
         })

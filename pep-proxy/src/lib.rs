@@ -436,7 +436,7 @@ impl EgressProxy {
     /// Record the verdict (exactly once per attempt). If the sink refuses,
     /// the verdict becomes a `fail_closed:audit_spool` deny (recorded
     /// nowhere: there is nowhere to record it, but it is counted and logged).
-    async fn record(&self, mode: &str, v: &mut Verdict, dialled: Option<IpAddr>) {
+    async fn record(&self, mode: &'static str, v: &mut Verdict, dialled: Option<IpAddr>) {
         let finding = egress_finding(
             &self.cfg.pep_id,
             &v.req,

@@ -386,7 +386,16 @@ fn build_audit(
         );
         sinks.push(Box::new(TracingAuditLog::new()));
     }
-    Ok((Arc::new(TeeAuditSink(sinks)), shipper))
+    // One sink (the usual case) is used as is: no tee around it.
+    let sink: Arc<dyn AuditSink> = match sinks.pop() {
+        Some(only) if sinks.is_empty() => Arc::from(only),
+        Some(last) => {
+            sinks.push(last);
+            Arc::new(TeeAuditSink(sinks))
+        }
+        None => bail!("no audit sink"),
+    };
+    Ok((sink, shipper))
 }
 
 /// Accept until shutdown. Each connection holds a receiver of the shutdown

@@ -7,12 +7,14 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
+/// `{mode, decision}` from a fixed set of names: no allocation per count.
+type DecisionLabels = [(&'static str, &'static str); 2];
 
 /// Every metric the proxy exports. Cheap to clone (all `Arc`s inside).
 #[derive(Clone)]
 pub struct ProxyMetrics {
     /// `secureops_proxy_decisions_total{mode,decision}`
-    pub decisions: Family<Labels, Counter>,
+    pub decisions: Family<DecisionLabels, Counter>,
     /// `secureops_proxy_fail_closed_total{cause}`
     pub fail_closed: Family<Labels, Counter>,
     /// `secureops_proxy_tunnels_active`
@@ -108,12 +110,9 @@ impl ProxyMetrics {
         );
     }
 
-    pub fn count_decision(&self, mode: &str, decision: &str) {
+    pub fn count_decision(&self, mode: &'static str, decision: &'static str) {
         self.decisions
-            .get_or_create(&vec![
-                ("mode".to_string(), mode.to_string()),
-                ("decision".to_string(), decision.to_string()),
-            ])
+            .get_or_create(&[("mode", mode), ("decision", decision)])
             .inc();
     }
 
