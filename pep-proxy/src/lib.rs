@@ -717,11 +717,14 @@ async fn peek_window(
         let want = (max - buf.len()).min(4096);
         buf.reserve_exact(want);
         let mut limited = (&mut *buf).limit(want);
-        match stream.try_read_buf(&mut limited) {
-            Ok(0) => return PeekEnd::Closed(classify(buf)),
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return PeekEnd::Closed(classify(buf)),
+        // `read_buf` (not `try_read_buf`): after a short read tokio marks
+        // the socket drained, so the tunnel's first read waits for epoll
+        // instead of spending a `recv` on EAGAIN. The socket is readable,
+        // so this normally completes at once (and arms no timer).
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut limited)).await {
+            Err(_) => return PeekEnd::TimedOut(classify(buf)),
+            Ok(Ok(0)) | Ok(Err(_)) => return PeekEnd::Closed(classify(buf)),
+            Ok(Ok(_)) => {}
         }
     }
 }
