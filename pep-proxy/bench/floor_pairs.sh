@@ -9,9 +9,10 @@
 #
 #   cargo build --release -p secureops-proxy --bins --example null_relay
 #   RUNS=3 DUR=6 pep-proxy/bench/floor_pairs.sh    (needs ../shared/bench set up: /tmp/peerbench)
+#   BULK=0 skips the bulk part; the summary also prints each run's own ours/squid ratio.
 set -u
 B=${PB_BASE:-/tmp/peerbench}; S=$B/scripts; ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-RUNS=${RUNS:-3}; DUR=${DUR:-6}; BYTES=${BYTES:-1073741824}
+RUNS=${RUNS:-3}; DUR=${DUR:-6}; BYTES=${BYTES:-1073741824}; BULK=${BULK:-1}
 "$S/peers.sh" start world >/dev/null 2>&1
 ALLOW=$(awk 'NF { if (substr($1,1,1)==".") { d=substr($1,2); printf "%s,*.%s,", d, d } else printf "%s,", $1 }' "$B/conf/allowlist.txt" | sed 's/,$//')
 RESOLVE=$(awk '$1 ~ /^127\./ { for (i=2;i<=NF;i++) printf "%s=%s,", $i, $1 }' "$B/conf/hosts" | sed 's/,$//')
@@ -48,7 +49,7 @@ print(f"rate {name} {d['ok_per_s']:.0f} {(c1 - c0) * 1e4 / ok:.1f} {(t1 - t0) * 
 PY
 done; done
 gbit() { python3 -c "import json,sys; print(json.loads(sys.stdin.read())['Gbit_per_s'])"; }
-for r in $(seq "$RUNS"); do for d in down up; do
+[ "$BULK" = 0 ] || for r in $(seq "$RUNS"); do for d in down up; do
   echo "bulk $d direct $(taskset -c 0 "$B/bin/pb" bulk --direct 127.0.0.2:443 --bytes "$BYTES" --dir $d --timeout 120 | gbit)" | tee -a "$OUT"
   for name in null-relay secureops-proxy; do
     start $name
@@ -73,6 +74,11 @@ if 'squid' in rate and 'secureops-proxy' in rate and 'null-relay' in rate:
     s = m([r[0] for r in rate['squid']])
     print(f"\nvs squid: null relay {m([r[0] for r in rate['null-relay']]) / s:.2f}x, "
           f"secureops-proxy {m([r[0] for r in rate['secureops-proxy']]) / s:.2f}x tunnels/s")
+    pairs = [o[0] / q[0] for o, q in zip(rate['secureops-proxy'], rate['squid'])]
+    print("per run, ours / squid (same window): " + ", ".join(f"{x:.2f}x" for x in pairs)
+          + f"; median {m(pairs):.2f}x")
+if not bulk:
+    sys.exit(0)
 print("\n| bulk | direct | null relay | secureops-proxy |\n|---|---|---|---|")
 for d in ('down', 'up'):
     dr = m(bulk.get((d, 'direct'), [float('nan')]))
