@@ -962,6 +962,12 @@ impl Shared {
     fn try_append_now(&self, body: &[u8]) -> Option<Result<u64, SpoolError>> {
         let _gate = self.sync_gate.try_lock()?;
         let mut ap = self.appender.try_lock()?;
+        // Opening a segment creates a file and syncs the directory: the
+        // writer thread does that, never the event loop.
+        match &ap.active {
+            Some(a) if a.len < self.limits.segment_bytes => {}
+            _ => return None,
+        }
         let res = self.counted(self.append_locked(&mut ap, std::iter::once(body)));
         Some(res.map(|r| *r.end()))
     }
@@ -1305,17 +1311,24 @@ mod tests {
     #[tokio::test]
     async fn a_record_never_waits_for_a_running_sync() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = AuditSpool::open(dir.path(), SpoolLimits::default()).unwrap();
+        // No background sync during the test (it would defer records too).
+        let limits = SpoolLimits {
+            sync: SpoolSync::Interval(Duration::from_secs(60)),
+            ..SpoolLimits::default()
+        };
+        let spool = AuditSpool::open(dir.path(), limits).unwrap();
         let deferred = || spool.metrics().spool_deferred.get();
         assert_eq!(spool.record(finding("a.test")).await.unwrap(), 1);
-        assert_eq!(deferred(), 0, "inline when nothing runs");
+        assert_eq!(deferred(), 1, "the first record opens the segment");
+        assert_eq!(spool.record(finding("a2.test")).await.unwrap(), 2);
+        assert_eq!(deferred(), 1, "inline when nothing runs");
         let sync_running = held_elsewhere(spool.shared.clone(), |s| &s.sync_gate);
         let seq = tokio::time::timeout(Duration::from_secs(5), spool.record(finding("b.test")))
             .await
             .expect("record must not wait for the sync")
             .unwrap();
-        assert_eq!(seq, 2);
-        assert_eq!(deferred(), 1, "handed to the writer thread");
+        assert_eq!(seq, 3);
+        assert_eq!(deferred(), 2, "handed to the writer thread");
         sync_running();
         // A writer-thread write in progress defers too.
         let writing = held_elsewhere(spool.shared.clone(), |s| &s.appender);
@@ -1327,17 +1340,43 @@ mod tests {
                 .is_err(),
             "queued behind the busy appender, not written inline"
         );
-        assert_eq!(deferred(), 2);
+        assert_eq!(deferred(), 3);
         writing();
-        assert_eq!(late.await.unwrap(), 3);
-        assert_eq!(spool.record(finding("d.test")).await.unwrap(), 4);
-        assert_eq!(deferred(), 2, "inline again");
+        assert_eq!(late.await.unwrap(), 4);
+        assert_eq!(spool.record(finding("d.test")).await.unwrap(), 5);
+        assert_eq!(deferred(), 3, "inline again");
         let hosts: Vec<String> = spool
             .unacked_after(0, 10)
             .into_iter()
             .filter_map(|r| r.finding.map(|f| f.host))
             .collect();
-        assert_eq!(hosts, ["a.test", "b.test", "c.test", "d.test"]);
+        assert_eq!(hosts, ["a.test", "a2.test", "b.test", "c.test", "d.test"]);
+    }
+
+    /// A record that must open a new segment (file create + directory
+    /// sync) goes through the writer thread; the records between
+    /// rotations are written inline.
+    #[tokio::test]
+    async fn segment_rotation_is_left_to_the_writer_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = SpoolLimits {
+            segment_bytes: 200,
+            sync: SpoolSync::Interval(Duration::from_secs(60)),
+            ..SpoolLimits::default()
+        };
+        let spool = AuditSpool::open(dir.path(), limits).unwrap();
+        let mut inline = 0;
+        for i in 0..40 {
+            let (segs, deferred) = (spool.segment_count(), spool.metrics().spool_deferred.get());
+            spool.record(finding(&format!("h{i}.test"))).await.unwrap();
+            let opened = spool.segment_count() > segs;
+            let handed_off = spool.metrics().spool_deferred.get() > deferred;
+            // (A record may also be handed off because a sync was running.)
+            assert!(handed_off || !opened, "record {i} opened a segment inline");
+            inline += usize::from(!handed_off);
+        }
+        assert!(spool.segment_count() > 5, "{}", spool.segment_count());
+        assert!(inline > 20, "{inline} of 40 inline");
     }
 
     /// The borrowed encoding is byte for byte the owned one, for an empty
