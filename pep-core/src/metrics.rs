@@ -38,8 +38,9 @@ pub struct PepMetrics {
     /// `secureops_pep_audit_spool_unacked_records`.
     pub spool_unacked: Gauge,
     /// `secureops_pep_audit_spool_deferred_total`: single records handed to
-    /// the writer thread because a sync or another write was running (the
-    /// rest are written on the caller's thread).
+    /// the writer thread because a sync or another write was running, or
+    /// because they open a new segment (the rest are written on the
+    /// caller's thread).
     pub spool_deferred: Counter,
     /// `secureops_pep_audit_shipped_total` (acked by the audit service).
     pub shipped: Counter,
@@ -116,7 +117,7 @@ impl PepMetrics {
         );
         registry.register(
             "secureops_pep_audit_spool_deferred",
-            "Records handed to the spool's writer thread because a sync or write was running",
+            "Records handed to the spool's writer thread (a sync or write was running, or a new segment was due)",
             self.spool_deferred.clone(),
         );
         registry.register(
