@@ -12,8 +12,9 @@
 //! `fail_closed:audit_spool`: an attempt we cannot audit does not happen.
 //!
 //! Threads: callers encode their record (the expensive part) and, when no
-//! `fdatasync` and no other write is running (`try_lock` on both), write it
-//! on their own thread: a few µs, and no thread hand-off. Otherwise they
+//! `fdatasync` and no other write is running (`try_lock` on both) and the
+//! record does not open a new segment, write it on their own thread: a few
+//! µs, and no thread hand-off. Otherwise they
 //! queue it for the `audit-spool` writer thread, which gives it its
 //! `source_seq`, writes everything queued with one `write(2)`, then
 //! completes the callers. An append that lands while `fdatasync` runs on
@@ -662,11 +663,7 @@ impl AuditSpool {
             self.shared.error.inc();
             return Err(SpoolError::TooLarge(body.len()));
         }
-        // Fast path: no sync running and no writer-thread write in
-        // progress, so the append cannot block; doing it here saves the two
-        // thread hand-offs (writer wake-up, caller wake-up) that were the
-        // largest share of the proxy's per-tunnel cost beyond relaying
-        // (pep-proxy/BENCH_NOTES.md, session 6).
+        // Written here when that cannot block (module doc, "Threads").
         if let Some(res) = self.shared.try_append_now(&body) {
             let seq = res?;
             if self.shared.limits.sync == SpoolSync::Always {

@@ -1182,6 +1182,10 @@ mod tests {
             .map(|(h, ip)| (h.to_string(), ip.parse().unwrap()))
             .collect();
         let resolver = Resolver::new(&overrides, None, false, Duration::from_secs(1)).unwrap();
+        proxy_on(pdp, resolver)
+    }
+
+    fn proxy_on(pdp: Arc<RecordingPdp>, resolver: Resolver) -> EgressProxy {
         EgressProxy::new(
             ProxyConfig::default(),
             pdp,
@@ -1276,13 +1280,7 @@ mod tests {
             Duration::from_millis(200),
         )
         .unwrap();
-        let proxy = EgressProxy::new(
-            ProxyConfig::default(),
-            pdp.clone(),
-            Arc::new(audit::TracingAuditLog::new()),
-            resolver,
-            ProxyMetrics::new(),
-        );
+        let proxy = proxy_on(pdp.clone(), resolver);
         for orig in [None, Some("93.184.216.34".parse().unwrap())] {
             pdp.0.lock().unwrap().clear();
             let mut req = named("slow.allowed.test");

@@ -388,13 +388,10 @@ fn build_audit(
         sinks.push(Box::new(TracingAuditLog::new()));
     }
     // One sink (the usual case) is used as is: no tee around it.
-    let sink: Arc<dyn AuditSink> = match sinks.pop() {
-        Some(only) if sinks.is_empty() => Arc::from(only),
-        Some(last) => {
-            sinks.push(last);
-            Arc::new(TeeAuditSink(sinks))
-        }
-        None => bail!("no audit sink"),
+    let sink: Arc<dyn AuditSink> = if sinks.len() == 1 {
+        Arc::from(sinks.remove(0))
+    } else {
+        Arc::new(TeeAuditSink(sinks))
     };
     Ok((sink, shipper))
 }
