@@ -372,10 +372,12 @@ impl EgressProxy {
         }
         let ips = match self.resolver.resolve(&req.host).await {
             Ok(ips) => ips,
-            Err(ResolveError::NoAddress(_)) | Err(ResolveError::Lookup { .. }) => {
+            Err(ResolveError::NoAddress(_)) => {
                 return (PdpOutcome::new(Decision::Deny, "unresolvable_host"), None);
             }
-            Err(ResolveError::Timeout(_)) | Err(ResolveError::Setup(_)) => {
+            Err(
+                ResolveError::Lookup { .. } | ResolveError::Timeout(_) | ResolveError::Setup(_),
+            ) => {
                 return (self.on_error("dns_unavailable"), None);
             }
         };
@@ -1294,6 +1296,52 @@ mod tests {
                 1,
                 "no confirmation without an answer"
             );
+        }
+    }
+
+    /// A DNS server on loopback that answers every query with an empty
+    /// answer and `rcode` (the question echoed back), for ten seconds.
+    fn dns_answering_with(rcode: u8) -> std::net::SocketAddr {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let addr = sock.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                if n < 12 {
+                    continue;
+                }
+                let mut reply = buf[..n].to_vec();
+                reply[2] |= 0x80; // QR: a response
+                reply[3] = 0x80 | (rcode & 0x0f); // RA + rcode
+                reply[6..12].fill(0); // no answer, authority or additional
+                let _ = sock.send_to(&reply, from);
+            }
+        });
+        addr
+    }
+
+    /// The reason names whose fault it was: a name the DNS says does not
+    /// exist is `unresolvable_host`; a DNS server that fails (SERVFAIL,
+    /// REFUSED) is the fail-closed `dns_unavailable`. Both deny.
+    #[tokio::test]
+    async fn dns_failures_are_told_apart_from_missing_names() {
+        for (rcode, reason) in [
+            (3, "unresolvable_host"),           // NXDOMAIN
+            (0, "unresolvable_host"),           // NOERROR, no data
+            (2, "fail_closed:dns_unavailable"), // SERVFAIL
+            (5, "fail_closed:dns_unavailable"), // REFUSED
+        ] {
+            let pdp = Arc::new(RecordingPdp::default());
+            let server = dns_answering_with(rcode);
+            let resolver = Resolver::new(&[], Some(server), true, Duration::from_secs(2)).unwrap();
+            let proxy = proxy_on(pdp.clone(), resolver);
+            let mut req = named("x.allowed.test");
+            let out = proxy.decide(&mut req, None).await;
+            assert!(!out.decision.is_allow(), "rcode {rcode}: {out:?}");
+            assert_eq!(out.reason, reason, "rcode {rcode}");
+            assert_eq!(req.ip, None, "rcode {rcode}");
         }
     }
 

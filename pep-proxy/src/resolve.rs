@@ -18,8 +18,13 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 /// Why a name did not resolve. The proxy denies in every case.
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
+    /// The name has no address: NXDOMAIN, an empty answer, or no override
+    /// and no DNS. The name's own fault, not the resolver's.
     #[error("no address for {0}")]
     NoAddress(String),
+    /// The DNS service failed to answer: SERVFAIL, REFUSED, a transport
+    /// error, or hickory's own per-query timeout (which may fire before
+    /// [`ResolveError::Timeout`]'s outer deadline).
     #[error("resolver error for {name}: {msg}")]
     Lookup { name: String, msg: String },
     #[error("resolver timed out for {0}")]
@@ -110,6 +115,7 @@ impl Resolver {
         let fqdn = format!("{key}.");
         match tokio::time::timeout(self.timeout * 2, dns.lookup_ip(fqdn.as_str())).await {
             Err(_) => Err(ResolveError::Timeout(key)),
+            Ok(Err(e)) if e.is_no_records_found() => Err(ResolveError::NoAddress(key)),
             Ok(Err(e)) => Err(ResolveError::Lookup {
                 name: key,
                 msg: e.to_string(),
