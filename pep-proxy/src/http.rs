@@ -51,7 +51,8 @@ enum Mode {
 struct Ctx {
     proxy: Arc<EgressProxy>,
     peer: SocketAddr,
-    local: SocketAddr,
+    /// `None` when the proxy attributes nothing (see `local_for_attribution`).
+    local: Option<SocketAddr>,
     mode: Mode,
     upstream: tokio::sync::Mutex<Option<(SocketAddr, SendRequest<Incoming>)>>,
 }
@@ -60,7 +61,7 @@ pub(crate) async fn serve_explicit(
     proxy: Arc<EgressProxy>,
     stream: TcpStream,
     peer: SocketAddr,
-    local: SocketAddr,
+    local: Option<SocketAddr>,
     buffered: Vec<u8>,
 ) -> Result<(), ProxyError> {
     let ctx = Arc::new(Ctx {
@@ -85,7 +86,7 @@ pub(crate) async fn serve_transparent(
     let ctx = Arc::new(Ctx {
         proxy,
         peer,
-        local,
+        local: Some(local),
         mode: Mode::Transparent {
             orig,
             preapproved: std::sync::Mutex::new(Some(first)),

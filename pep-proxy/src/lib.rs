@@ -287,6 +287,16 @@ impl EgressProxy {
         PdpOutcome::fail_closed(cause).apply_fail_mode(self.cfg.fail_mode)
     }
 
+    /// The client socket's local address, which only process attribution
+    /// needs (its `/proc/net/tcp` key): without an attributor the
+    /// `getsockname` is skipped, one syscall less per connection.
+    fn local_for_attribution(&self, stream: &TcpStream) -> std::io::Result<Option<SocketAddr>> {
+        match self.attributor {
+            Some(_) => stream.local_addr().map(Some),
+            None => Ok(None),
+        }
+    }
+
     fn request_id(&self) -> String {
         format!(
             "{}-{:x}",
@@ -298,12 +308,12 @@ impl EgressProxy {
     async fn new_request(
         &self,
         peer: SocketAddr,
-        local: SocketAddr,
+        local: Option<SocketAddr>,
         ph: &PeekedHost,
     ) -> ConnectionRequest {
-        let process = match &self.attributor {
-            Some(a) => a.attribute_tcp_async(local, peer).await,
-            None => ProcessIdentity::default(),
+        let process = match (&self.attributor, local) {
+            (Some(a), Some(local)) => a.attribute_tcp_async(local, peer).await,
+            _ => ProcessIdentity::default(),
         };
         ConnectionRequest {
             request_id: self.request_id(),
@@ -323,7 +333,7 @@ impl EgressProxy {
     async fn unparsed_request(
         &self,
         peer: SocketAddr,
-        local: SocketAddr,
+        local: Option<SocketAddr>,
         seen: &str,
         source: HostSource,
     ) -> ConnectionRequest {
@@ -743,7 +753,7 @@ pub async fn handle_connection(
     mut stream: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), ProxyError> {
-    let local = stream.local_addr()?;
+    let local = proxy.local_for_attribution(&stream)?;
     let _ = stream.set_nodelay(true);
     let (head, buf) = match read_head(
         &mut stream,
@@ -809,7 +819,7 @@ async fn handle_connect(
     proxy: Arc<EgressProxy>,
     mut stream: TcpStream,
     peer: SocketAddr,
-    local: SocketAddr,
+    local: Option<SocketAddr>,
     head: RequestHead,
     mut first: Vec<u8>,
 ) -> Result<(), ProxyError> {
@@ -971,7 +981,7 @@ pub async fn handle_transparent(
             // Connected straight to the transparent port (no redirect): there
             // is no destination to decide, and dialling ourselves would loop.
             let req = proxy
-                .unparsed_request(peer, local, "-", HostSource::OriginalDst)
+                .unparsed_request(peer, Some(local), "-", HostSource::OriginalDst)
                 .await;
             let mut v = Verdict {
                 req,
@@ -1042,7 +1052,7 @@ pub async fn handle_transparent(
     };
     let literal = ph.ip;
     // Attribution looks the client socket up by (peer → original dst).
-    let mut req = proxy.new_request(peer, orig, &ph).await;
+    let mut req = proxy.new_request(peer, Some(orig), &ph).await;
     req.ip = Some(orig.ip());
     let outcome = if let Some(reason) = early {
         PdpOutcome::new(Decision::Deny, reason)
