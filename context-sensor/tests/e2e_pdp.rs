@@ -18,7 +18,7 @@ use secureops_proto::v1::{
     CheckRequest, CheckResponse, Destination, HostSource, ProcessInfo, ProcessRef, Transport,
     Verdict,
 };
-use secureops_test_support::Service;
+use secureops_test_support::{PdpArgs, Service};
 use tonic::transport::Channel;
 
 const POLICY: &str = r#"version: 1
@@ -70,23 +70,13 @@ fn start_pdp(bin: &Path) -> Stack {
     std::fs::create_dir(&marked).unwrap();
     std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).unwrap();
     std::fs::write(dir.path().join("policy.yaml"), POLICY).unwrap();
-    let p = |n: &str| dir.path().join(n).display().to_string();
+    let p = |n: &str| dir.path().join(n);
     let pdp = Service::spawn(
         bin,
-        [
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            &p("data"),
-            "--admin-token-file",
-            &p("token"),
-            "--policy",
-            &p("policy.yaml"),
-        ],
+        PdpArgs::new(p("data"))
+            .admin_token_file(p("token"))
+            .policy(p("policy.yaml"))
+            .build(),
         &["grpc", "admin", "metrics"],
     )
     .expect("spawn pdp");

@@ -172,20 +172,11 @@ async fn run(o: Opts) -> Result<(), Box<dyn std::error::Error>> {
             let data = dir.path().join("data");
             let svc = secureops_test_support::Service::spawn_with(
                 &o.pdp_bin,
-                [
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--admin-listen",
-                    "127.0.0.1:0",
-                    "--metrics-listen",
-                    "127.0.0.1:0",
-                    "--data-dir",
-                    &data.display().to_string(),
-                    "--policy",
-                    &pol.display().to_string(),
-                    "--worker-threads",
-                    &o.server_threads.to_string(),
-                ],
+                secureops_test_support::PdpArgs::new(&data)
+                    .policy(&pol)
+                    .arg("--worker-threads")
+                    .arg(o.server_threads)
+                    .build(),
                 &[("RUST_LOG", "warn")],
                 &["grpc"],
             )?;

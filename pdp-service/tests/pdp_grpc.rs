@@ -146,16 +146,7 @@ async fn generated_token_file_is_0600() {
     let data = d.path().join("data");
     let svc = secureops_test_support::Service::spawn(
         bin(),
-        [
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            &data.display().to_string(),
-        ],
+        secureops_test_support::PdpArgs::new(&data).build(),
         &["grpc", "admin"],
     )
     .expect("spawn");

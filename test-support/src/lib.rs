@@ -45,6 +45,88 @@ pub fn bin_path(name: &str) -> PathBuf {
     target.join("debug").join(name)
 }
 
+/// Command-line arguments for a `secureops-pdp` on loopback: gRPC, admin
+/// and metrics listeners on ephemeral ports (the test reads them back from
+/// the `LISTENING` lines), state under a directory of the test's own.
+///
+/// ```no_run
+/// # use secureops_test_support::{PdpArgs, Service, bin_path};
+/// # let dir = std::path::Path::new("/tmp/x");
+/// let pdp = Service::spawn(
+///     bin_path("secureops-pdp"),
+///     PdpArgs::new(dir.join("pdp")).policy(dir.join("policy.yaml")).build(),
+///     &["grpc"],
+/// );
+/// ```
+#[derive(Debug, Clone)]
+pub struct PdpArgs {
+    listen: String,
+    data_dir: PathBuf,
+    policy: Option<PathBuf>,
+    admin_token_file: Option<PathBuf>,
+    extra: Vec<String>,
+}
+
+impl PdpArgs {
+    /// Every listener on `127.0.0.1:0`, state in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        PdpArgs {
+            listen: "127.0.0.1:0".into(),
+            data_dir: data_dir.into(),
+            policy: None,
+            admin_token_file: None,
+            extra: Vec::new(),
+        }
+    }
+
+    /// The gRPC listener's address (to restart a PDP on the port it had).
+    pub fn listen(mut self, addr: impl ToString) -> Self {
+        self.listen = addr.to_string();
+        self
+    }
+
+    /// `--policy`: the bootstrap policy file.
+    pub fn policy(mut self, path: impl Into<PathBuf>) -> Self {
+        self.policy = Some(path.into());
+        self
+    }
+
+    /// `--admin-token-file` (without it the PDP generates one in its data
+    /// directory).
+    pub fn admin_token_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.admin_token_file = Some(path.into());
+        self
+    }
+
+    /// Any further flag or value, in order.
+    pub fn arg(mut self, arg: impl ToString) -> Self {
+        self.extra.push(arg.to_string());
+        self
+    }
+
+    pub fn build(&self) -> Vec<String> {
+        let path = |p: &Path| p.display().to_string();
+        let mut args = vec![
+            "--listen".to_string(),
+            self.listen.clone(),
+            "--admin-listen".into(),
+            "127.0.0.1:0".into(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            path(&self.data_dir),
+        ];
+        if let Some(p) = &self.admin_token_file {
+            args.extend(["--admin-token-file".into(), path(p)]);
+        }
+        if let Some(p) = &self.policy {
+            args.extend(["--policy".into(), path(p)]);
+        }
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+}
+
 /// A running service started from a real binary. Killed on drop.
 pub struct Service {
     name: String,

@@ -40,18 +40,9 @@ async fn deploy_otlp_pdp_exports_check_span_in_callers_trace() {
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir: {e}"));
     let policy = secureops_test_support::workspace_root().join("deploy/policies/default.yaml");
     let endpoint = format!("http://{otlp_addr}");
-    let args: Vec<String> = vec![
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--admin-listen".into(),
-        "127.0.0.1:0".into(),
-        "--metrics-listen".into(),
-        "127.0.0.1:0".into(),
-        "--data-dir".into(),
-        dir.to_string_lossy().into_owned(),
-        "--policy".into(),
-        policy.to_string_lossy().into_owned(),
-    ];
+    let args = secureops_test_support::PdpArgs::new(&dir)
+        .policy(&policy)
+        .build();
     let pdp = tokio::task::spawn_blocking(move || {
         Service::spawn_with(
             &pdp_bin,

@@ -103,18 +103,9 @@ async fn deploy_otlp_one_trace_spans_proxy_pdp_and_audit() {
 
     let pdp = spawn(
         pdp_bin,
-        vec![
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--admin-listen".into(),
-            "127.0.0.1:0".into(),
-            "--metrics-listen".into(),
-            "127.0.0.1:0".into(),
-            "--data-dir".into(),
-            p(&dir.join("pdp")),
-            "--policy".into(),
-            p(&policy),
-        ],
+        secureops_test_support::PdpArgs::new(dir.join("pdp"))
+            .policy(&policy)
+            .build(),
         env(),
         &["grpc"],
     )

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 pub use secureops_test_support::{
-    NetNs, Service, TestCert, bin_path, have_command, is_root, skip, wait_for,
+    NetNs, PdpArgs, Service, TestCert, bin_path, have_command, is_root, skip, wait_for,
 };
 
 /// Run `secureops ARGS` with the given env; returns its output.

@@ -16,20 +16,10 @@ fn cli_against_a_real_pdp() {
     let token = write(tmp.path(), "admin.token", "s3cret-admin-token\n");
     let pdp = Service::spawn(
         bin_path("secureops-pdp"),
-        [
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            &tmp.path().join("pdp").display().to_string(),
-            "--admin-token-file",
-            &token.display().to_string(),
-            "--policy",
-            &good.display().to_string(),
-        ],
+        PdpArgs::new(tmp.path().join("pdp"))
+            .admin_token_file(&token)
+            .policy(&good)
+            .build(),
         &["grpc", "admin"],
     )
     .expect("pdp starts");

@@ -24,21 +24,11 @@ fn pdp_killed_then_restarted() {
             tls.port
         ),
     );
-    let pdp_dir = tmp.path().join("pdp").display().to_string();
-    let policy_arg = policy.display().to_string();
     let pdp_args = |listen: &str| {
-        vec![
-            "--listen".to_string(),
-            listen.to_string(),
-            "--admin-listen".into(),
-            "127.0.0.1:0".into(),
-            "--metrics-listen".into(),
-            "127.0.0.1:0".into(),
-            "--data-dir".into(),
-            pdp_dir.clone(),
-            "--policy".into(),
-            policy_arg.clone(),
-        ]
+        PdpArgs::new(tmp.path().join("pdp"))
+            .listen(listen)
+            .policy(&policy)
+            .build()
     };
     let mut pdp = Service::spawn(
         bin_path("secureops-pdp"),

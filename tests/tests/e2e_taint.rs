@@ -51,18 +51,7 @@ fn credential_read_taints_the_reader_and_its_children() {
     );
     let pdp = Service::spawn(
         bin_path("secureops-pdp"),
-        [
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            &tmp.path().join("pdp").display().to_string(),
-            "--policy",
-            &policy.display().to_string(),
-        ],
+        PdpArgs::new(tmp.path().join("pdp")).policy(&policy).build(),
         &["grpc"],
     )
     .expect("pdp starts");

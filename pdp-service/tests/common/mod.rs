@@ -16,7 +16,7 @@ use secureops_proto::v1::{
     CheckRequest, CheckResponse, Destination, FileOpened, HostSource, ProcessEvent, ProcessInfo,
     ProcessRef, PutRequest, PutResponse, Transport, process_event::Event,
 };
-use secureops_test_support::Service;
+use secureops_test_support::{PdpArgs, Service};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
@@ -70,22 +70,12 @@ pub fn data_dir() -> tempfile::TempDir {
 }
 
 pub fn spawn_in(dir: &Path, extra: &[&str]) -> Pdp {
-    let token = dir.join("token");
-    let data = dir.join("data");
-    let mut args: Vec<String> = vec![
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--admin-listen".into(),
-        "127.0.0.1:0".into(),
-        "--metrics-listen".into(),
-        "127.0.0.1:0".into(),
-        "--data-dir".into(),
-        data.display().to_string(),
-        "--admin-token-file".into(),
-        token.display().to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let svc = Service::spawn(bin(), &args, &["grpc", "admin", "metrics"]).expect("spawn pdp");
+    let args = extra.iter().fold(
+        PdpArgs::new(dir.join("data")).admin_token_file(dir.join("token")),
+        |a, x| a.arg(x),
+    );
+    let svc =
+        Service::spawn(bin(), args.build(), &["grpc", "admin", "metrics"]).expect("spawn pdp");
     Pdp {
         svc,
         dir: dir.to_owned(),
