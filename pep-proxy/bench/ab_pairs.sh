@@ -11,19 +11,11 @@
 # EXTRA adds proxy flags; METRICS=host:port (with EXTRA=--metrics-listen host:port)
 # prints the spool's append / deferred counters at the end of each run.
 set -u
-B=${PB_BASE:-/tmp/peerbench}; S=$B/scripts; ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+. "$(dirname "$0")/lib.sh"
 DUR=${DUR:-5}; NAMES=${NAMES:-"null-relay secureops-proxy"}
 "$S/peers.sh" start world >/dev/null 2>&1
-ALLOW=$(awk 'NF { if (substr($1,1,1)==".") { d=substr($1,2); printf "%s,*.%s,", d, d } else printf "%s,", $1 }' "$B/conf/allowlist.txt" | sed 's/,$//')
-RESOLVE=$(awk '$1 ~ /^127\./ { for (i=2;i<=NF;i++) printf "%s=%s,", $i, $1 }' "$B/conf/hosts" | sed 's/,$//')
 PROXY=${PROXY:-$ROOT/target/release/secureops-proxy}; RELAY=$ROOT/target/release/examples/null_relay
 EXTRA=${EXTRA:-}
-cpu0() { awk '/^cpu0 /{print $2+$3+$4+$7+$8}' /proc/stat; }
-cpu1() { awk '/^cpu1 /{print $2+$3+$4+$7+$8}' /proc/stat; }
-ut() { awk '{print $14}' /proc/$1/stat; }
-ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' /proc/$p/stat 2>/dev/null || echo 0))); done; echo $t; }
-csw() { local t=0; for f in /proc/$1/task/*/status; do t=$((t + $(awk '/ctxt_switches/{s+=$2} END{print s}' $f))); done; echo $t; }
-drain() { while [ "$(ss -Htan state time-wait | wc -l)" -gt 2000 ]; do sleep 1; done; sleep 1; }
 for r in $(seq ${RUNS:-1}); do for name in $NAMES; do
   case $name in
     null-relay) A=127.0.0.13:3128; setsid taskset -c 1 "$RELAY" $A "$RESOLVE" >/dev/null 2>&1 </dev/null & P=$! ;;

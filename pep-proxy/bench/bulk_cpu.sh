@@ -4,9 +4,8 @@
 #
 #   cargo build --release -p secureops-proxy --example null_relay
 #   DIRS="down up" pep-proxy/bench/bulk_cpu.sh    (needs ../shared/bench set up: /tmp/peerbench)
-B=${PB_BASE:-/tmp/peerbench}; ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+. "$(dirname "$0")/lib.sh"
 "$B/scripts/peers.sh" start world >/dev/null 2>&1
-RESOLVE=$(awk '$1 ~ /^127\./ { for (i=2;i<=NF;i++) printf "%s=%s,", $i, $1 }' "$B/conf/hosts" | sed 's/,$//')
 c() { awk -v c=cpu$1 '$1==c{print $2+$3+$4+$7+$8, $5+$6}' /proc/stat; }
 run() { # label cmd...
   a0=($(c 0)); a1=($(c 1)); t0=$(date +%s.%N)

@@ -5,11 +5,9 @@
 # transfer, to /tmp/perf-bulk-proxy.data and /tmp/perf-bulk-direct.data.
 #   RUNS=3 pep-proxy/bench/bulk_pairs.sh        (needs ../shared/bench set up: /tmp/peerbench)
 set -u
-B=${PB_BASE:-/tmp/peerbench}; S=$B/scripts; ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+. "$(dirname "$0")/lib.sh"
 RUNS=${RUNS:-3}; BYTES=${BYTES:-1073741824}
 "$S/peers.sh" start world >/dev/null 2>&1
-ALLOW=$(awk 'NF { if (substr($1,1,1)==".") { d=substr($1,2); printf "%s,*.%s,", d, d } else printf "%s,", $1 }' "$B/conf/allowlist.txt" | sed 's/,$//')
-RESOLVE=$(awk '$1 ~ /^127\./ { for (i=2;i<=NF;i++) printf "%s=%s,", $i, $1 }' "$B/conf/hosts" | sed 's/,$//')
 BIN=/tmp/sops-bulk-bin; cp "$ROOT/target/release/secureops-proxy" "$BIN"; rm -rf /tmp/sops-bulk-spool
 SECUREOPS_ALLOW=$ALLOW SECUREOPS_RESOLVED_IP_ALLOW=127.0.0.0/8 SECUREOPS_RESOLVE=$RESOLVE RUST_LOG=warn setsid taskset -c 1 "$BIN" --listen 127.0.0.12:3128 \
   --dns-server none --spool-dir /tmp/sops-bulk-spool --no-attribution >/dev/null 2>&1 </dev/null &

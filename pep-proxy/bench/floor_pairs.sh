@@ -11,16 +11,11 @@
 #   RUNS=3 DUR=6 pep-proxy/bench/floor_pairs.sh    (needs ../shared/bench set up: /tmp/peerbench)
 #   BULK=0 skips the bulk part; the summary also prints each run's own ours/squid ratio.
 set -u
-B=${PB_BASE:-/tmp/peerbench}; S=$B/scripts; ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+. "$(dirname "$0")/lib.sh"
 RUNS=${RUNS:-3}; DUR=${DUR:-6}; BYTES=${BYTES:-1073741824}; BULK=${BULK:-1}
 "$S/peers.sh" start world >/dev/null 2>&1
-ALLOW=$(awk 'NF { if (substr($1,1,1)==".") { d=substr($1,2); printf "%s,*.%s,", d, d } else printf "%s,", $1 }' "$B/conf/allowlist.txt" | sed 's/,$//')
-RESOLVE=$(awk '$1 ~ /^127\./ { for (i=2;i<=NF;i++) printf "%s=%s,", $i, $1 }' "$B/conf/hosts" | sed 's/,$//')
 PROXY=/tmp/sops-floor-proxy; RELAY=/tmp/sops-floor-relay
 cp "$ROOT/target/release/secureops-proxy" "$PROXY"; cp "$ROOT/target/release/examples/null_relay" "$RELAY"
-cpu0() { awk '/^cpu0 /{print $2+$3+$4+$7+$8}' /proc/stat; }
-ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' /proc/$p/stat 2>/dev/null || echo 0))); done; echo $t; }
-drain() { while [ "$(ss -Htan state time-wait | wc -l)" -gt 2000 ]; do sleep 2; done; sleep 2; }
 start() {  # NAME → sets P (pid) and A (address)
   case $1 in
     null-relay) A=127.0.0.13:3128; setsid taskset -c 1 "$RELAY" $A "$RESOLVE" >/dev/null 2>&1 </dev/null & P=$! ;;

@@ -11,14 +11,11 @@
 # spool (fdatasync group commit) in $SPOOL (default /tmp/sops-proxy-bench-spool; the peers
 # log nothing: squid runs with access_log none). EXTRA adds flags (e.g. --no-attribution).
 set -euo pipefail
-B=${PB_BASE:-/tmp/peerbench}
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+. "$(dirname "$0")/lib.sh"
 BIN=${BIN:-/tmp/sops-proxy-bench-bin}
 cp "$ROOT/target/release/secureops-proxy" "$BIN"
 SPOOL=${SPOOL:-/tmp/sops-proxy-bench-spool}
 rm -rf "$SPOOL"
-ALLOW=$(awk 'NF { if (substr($1,1,1)==".") { d=substr($1,2); printf "%s,*.%s,", d, d } else printf "%s,", $1 }' "$B/conf/allowlist.txt" | sed 's/,$//')
-RESOLVE=$(awk '$1 ~ /^127\./ { for (i=2;i<=NF;i++) printf "%s=%s,", $i, $1 }' "$B/conf/hosts" | sed 's/,$//')
 export PROJECT_PROXY=${PROJECT_PROXY:-127.0.0.12:3128}
 export PROJECT_PROXY_CMD="env SECUREOPS_ALLOW=$ALLOW SECUREOPS_RESOLVED_IP_ALLOW=127.0.0.0/8 SECUREOPS_RESOLVE=$RESOLVE RUST_LOG=warn $BIN --listen $PROJECT_PROXY --dns-server none --spool-dir $SPOOL ${EXTRA:-}"
 export ONLY=${ONLY:-direct squid tinyproxy project-proxy}

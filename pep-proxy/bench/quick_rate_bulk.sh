@@ -4,15 +4,13 @@
 # --spool-sync always), RUNS=3 (needs ../shared/bench set up: /tmp/peerbench).
 # Results table printed at the end.
 set -u
-B=/tmp/peerbench; S=$B/scripts; ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+. "$(dirname "$0")/lib.sh"
 OUT=/tmp/sops-quick-results; rm -rf "$OUT"; mkdir -p "$OUT"
 export PEER_CPU=1 LOAD_CPU=0
 ulimit -n 65536
 "$S/peers.sh" start world >/dev/null 2>&1
 BIN=/tmp/sops-proxy-bench-bin; cp "$ROOT/target/release/secureops-proxy" "$BIN"
 SPOOL=/tmp/sops-proxy-bench-spool
-ALLOW=$(awk 'NF { if (substr($1,1,1)==".") { d=substr($1,2); printf "%s,*.%s,", d, d } else printf "%s,", $1 }' "$B/conf/allowlist.txt" | sed 's/,$//')
-RESOLVE=$(awk '$1 ~ /^127\./ { for (i=2;i<=NF;i++) printf "%s=%s,", $i, $1 }' "$B/conf/hosts" | sed 's/,$//')
 PA=127.0.0.12:3128
 PX=(--runs "${RUNS:-3}" --duration 5 --out "$OUT" --tests rate,latency,bulk)
 python3 "$S/bench_proxy.py" --direct --name direct "${PX[@]}"

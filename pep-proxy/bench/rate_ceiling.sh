@@ -11,17 +11,12 @@
 #
 #   RUNS=3 DUR=6 pep-proxy/bench/rate_ceiling.sh   (needs ../shared/bench set up: /tmp/peerbench)
 set -u
-B=${PB_BASE:-/tmp/peerbench}; S=$B/scripts; ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+. "$(dirname "$0")/lib.sh"
 RUNS=${RUNS:-3}; DUR=${DUR:-6}
 ulimit -n 65536 2>/dev/null
 "$S/peers.sh" start world >/dev/null 2>&1
 BIN=/tmp/sops-ceiling-bin; cp "$ROOT/target/release/secureops-proxy" "$BIN"
-ALLOW=$(awk 'NF { if (substr($1,1,1)==".") { d=substr($1,2); printf "%s,*.%s,", d, d } else printf "%s,", $1 }' "$B/conf/allowlist.txt" | sed 's/,$//')
-RESOLVE=$(awk '$1 ~ /^127\./ { for (i=2;i<=NF;i++) printf "%s=%s,", $i, $1 }' "$B/conf/hosts" | sed 's/,$//')
 DIRECT=$(python3 -c "print(','.join(f'127.0.0.{i}:443' for i in range(2,10)))")
-cpu0() { awk '/^cpu0 /{print $2+$3+$4+$7+$8}' /proc/stat; }
-ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' /proc/$p/stat 2>/dev/null || echo 0))); done; echo $t; }
-drain() { while [ "$(ss -Htan state time-wait | wc -l)" -gt 2000 ]; do sleep 2; done; sleep 2; }
 # one run: NAME, pids to charge (may be empty), pb target args...
 one() {
   local name=$1 pids=$2; shift 2

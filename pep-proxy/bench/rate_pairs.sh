@@ -5,15 +5,11 @@
 # proxy as in quick_rate_bulk.sh (bench allowlist, --resolve overrides, durable spool).
 #   bash pep-proxy/bench/rate_pairs.sh        (needs ../shared/bench set up: /tmp/peerbench)
 set -u
-B=/tmp/peerbench; S=$B/scripts; ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+. "$(dirname "$0")/lib.sh"
 BIN=/tmp/sops-proxy-pairs-bin; cp "$ROOT/target/release/secureops-proxy" "$BIN"
 DUR=${DUR:-5}
 ulimit -n 65536 2>/dev/null
 "$S/peers.sh" start world >/dev/null 2>&1
-ALLOW=$(awk 'NF { if (substr($1,1,1)==".") { d=substr($1,2); printf "%s,*.%s,", d, d } else printf "%s,", $1 }' "$B/conf/allowlist.txt" | sed 's/,$//')
-RESOLVE=$(awk '$1 ~ /^127\./ { for (i=2;i<=NF;i++) printf "%s=%s,", $i, $1 }' "$B/conf/hosts" | sed 's/,$//')
-drain() { while [ "$(ss -Htan state time-wait | wc -l)" -gt 2000 ]; do sleep 2; done; }
-ticks() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo $t; }
 cell() { # name addr pids...
   local name=$1 addr=$2; shift 2
   taskset -c 0 "$B/bin/pb" rate --proxy "$addr" --targets "$B/conf/targets-allowed.txt" --concurrency 32 --duration 2 --mode ping >/dev/null 2>&1

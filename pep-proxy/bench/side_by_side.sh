@@ -6,16 +6,13 @@
 # durable audit spool (fdatasync group commit) on $SPOOL, EXTRA flags appended.
 #   RUNS=1 IDLE=5000,10000 EXTRA=--no-attribution pep-proxy/bench/side_by_side.sh
 set -u
-B=${PB_BASE:-/tmp/peerbench}; S=$B/scripts
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+. "$(dirname "$0")/lib.sh"
 OUT=${OUT:-/tmp/sops-proxy-bench-results}; mkdir -p "$OUT"
 RUNS=${RUNS:-1}; DURATION=${DURATION:-10}; IDLE=${IDLE:-5000,10000}
 export PEER_CPU=${PEER_CPU-1} LOAD_CPU=${LOAD_CPU-0}
 ulimit -n 65536
 BIN=/tmp/sops-proxy-bench-bin; cp "$ROOT/target/release/secureops-proxy" "$BIN"
 SPOOL=${SPOOL:-/tmp/sops-proxy-bench-spool}
-ALLOW=$(awk 'NF { if (substr($1,1,1)==".") { d=substr($1,2); printf "%s,*.%s,", d, d } else printf "%s,", $1 }' "$B/conf/allowlist.txt" | sed 's/,$//')
-RESOLVE=$(awk '$1 ~ /^127\./ { for (i=2;i<=NF;i++) printf "%s=%s,", $i, $1 }' "$B/conf/hosts" | sed 's/,$//')
 PA=127.0.0.12:3128
 start_proxy() {
   rm -rf "$SPOOL"
