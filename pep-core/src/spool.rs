@@ -664,16 +664,23 @@ impl AuditSpool {
             return Err(SpoolError::TooLarge(body.len()));
         }
         // Written here when that cannot block (module doc, "Threads").
-        if let Some(res) = self.shared.try_append_now(&body) {
-            let seq = res?;
-            if self.shared.limits.sync == SpoolSync::Always {
-                self.wait_synced(seq).await?;
+        let seq = match self.shared.try_append_now(&body) {
+            Some(res) => res?,
+            None => {
+                self.shared.metrics.spool_deferred.inc();
+                *self.submit(vec![body]).await?.end()
             }
-            return Ok(seq);
+        };
+        self.durable(seq).await?;
+        Ok(seq)
+    }
+
+    /// With [`SpoolSync::Always`], wait until `seq` is on stable storage.
+    async fn durable(&self, seq: u64) -> Result<(), SpoolError> {
+        if self.shared.limits.sync == SpoolSync::Always {
+            self.wait_synced(seq).await?;
         }
-        self.shared.metrics.spool_deferred.inc();
-        let range = self.submit(vec![body]).await?;
-        Ok(*range.end())
+        Ok(())
     }
 
     /// Append every finding (all or none) on the writer thread, without
@@ -697,19 +704,19 @@ impl AuditSpool {
             }
             bodies.push(body);
         }
-        self.submit(bodies).await
+        let range = self.submit(bodies).await?;
+        self.durable(*range.end()).await?;
+        Ok(range)
     }
 
+    /// Hand `bodies` to the writer thread; their seqs once written (not
+    /// yet synced: see [`Self::durable`]).
     async fn submit(&self, bodies: Vec<Vec<u8>>) -> Result<RangeInclusive<u64>, SpoolError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request { bodies, reply })
             .map_err(|_| SpoolError::Closed)?;
-        let range = rx.await.map_err(|_| SpoolError::Closed)??;
-        if self.shared.limits.sync == SpoolSync::Always {
-            self.wait_synced(*range.end()).await?;
-        }
-        Ok(range)
+        rx.await.map_err(|_| SpoolError::Closed)?
     }
 
     /// Append every finding with one `write(2)` on the caller's thread (all
@@ -720,8 +727,9 @@ impl AuditSpool {
     /// instead, at the price of a thread hand-off per batch; the DNS
     /// sinkhole measured both and keeps this one (better p50 and p99 at
     /// 10k QPS: `dns-sinkhole/BENCH_NOTES.md`). Per-connection async
-    /// callers (the proxy) use [`AuditSpool::record`]. Never waits for a sync: with [`SpoolSync::Always`] the
-    /// caller awaits [`AuditSpool::wait_synced`] on the last seq before it
+    /// callers (the proxy) use [`AuditSpool::record`], which writes inline
+    /// only when that cannot block. Never waits for a sync: with
+    /// [`SpoolSync::Always`] the caller awaits [`AuditSpool::wait_synced`] on the last seq before it
     /// forwards anything. An empty batch is refused as `TooLarge(0)`: it
     /// has no seq range.
     ///

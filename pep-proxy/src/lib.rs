@@ -1309,49 +1309,26 @@ mod tests {
         }
     }
 
-    /// A DNS server on loopback that answers every query with an empty
-    /// answer and `rcode` (the question echoed back), for ten seconds.
-    fn dns_answering_with(rcode: u8) -> std::net::SocketAddr {
-        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let addr = sock.local_addr().unwrap();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 512];
-            while let Ok((n, from)) = sock.recv_from(&mut buf) {
-                if n < 12 {
-                    continue;
-                }
-                let mut reply = buf[..n].to_vec();
-                reply[2] |= 0x80; // QR: a response
-                reply[3] = 0x80 | (rcode & 0x0f); // RA + rcode
-                reply[6..12].fill(0); // no answer, authority or additional
-                let _ = sock.send_to(&reply, from);
-            }
-        });
-        addr
-    }
-
     /// The reason names whose fault it was: a name the DNS says does not
     /// exist is `unresolvable_host`; a DNS server that fails (SERVFAIL,
     /// REFUSED) is the fail-closed `dns_unavailable`. Both deny.
     #[tokio::test]
     async fn dns_failures_are_told_apart_from_missing_names() {
-        for (rcode, reason) in [
-            (3, "unresolvable_host"),           // NXDOMAIN
-            (0, "unresolvable_host"),           // NOERROR, no data
-            (2, "fail_closed:dns_unavailable"), // SERVFAIL
-            (5, "fail_closed:dns_unavailable"), // REFUSED
+        // The shared fake upstream answers by the name's first label.
+        let server = secureops_test_support::dns::FakeDns::start();
+        let resolver = Resolver::new(&[], Some(server.addr), true, Duration::from_secs(2)).unwrap();
+        let proxy = proxy_on(Arc::new(RecordingPdp::default()), resolver);
+        for (host, reason) in [
+            ("nx.allowed.test", "unresolvable_host"),
+            ("nodata.allowed.test", "unresolvable_host"),
+            ("servfail.allowed.test", "fail_closed:dns_unavailable"),
+            ("refused.allowed.test", "fail_closed:dns_unavailable"),
         ] {
-            let pdp = Arc::new(RecordingPdp::default());
-            let server = dns_answering_with(rcode);
-            let resolver = Resolver::new(&[], Some(server), true, Duration::from_secs(2)).unwrap();
-            let proxy = proxy_on(pdp.clone(), resolver);
-            let mut req = named("x.allowed.test");
+            let mut req = named(host);
             let out = proxy.decide(&mut req, None).await;
-            assert!(!out.decision.is_allow(), "rcode {rcode}: {out:?}");
-            assert_eq!(out.reason, reason, "rcode {rcode}");
-            assert_eq!(req.ip, None, "rcode {rcode}");
+            assert!(!out.decision.is_allow(), "{host}: {out:?}");
+            assert_eq!(out.reason, reason, "{host}");
+            assert_eq!(req.ip, None, "{host}");
         }
     }
 

@@ -20,6 +20,8 @@ pub const DEFAULT_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 /// * `big*`  names: 100 A records (≈1.7 kB): over UDP the answer is
 ///   truncated (TC, no records) when it does not fit the asker's payload.
 /// * `nx*`   names: NXDOMAIN with an SOA.
+/// * `nodata*` names: NOERROR with no records.
+/// * `servfail*` / `refused*` names: SERVFAIL / REFUSED (a failing server).
 /// * anything else: A 192.0.2.1 (or the address given to
 ///   [`FakeDns::answering`]) / AAAA 2001:db8::1, TTL 300.
 ///
@@ -40,7 +42,8 @@ impl Drop for FakeDns {
 }
 
 /// The answer to `req`: names starting with `nx` get NXDOMAIN (with an
-/// SOA), `big*` A queries 100 records (for truncation), other A queries
+/// SOA), `nodata` NOERROR without records, `servfail` / `refused` that
+/// rcode, `big*` A queries 100 records (for truncation), other A queries
 /// `v4`, AAAA queries `2001:db8::1`; `max_payload` set ⇒ a truncated (TC)
 /// answer when it would not fit.
 pub fn answer_for(req: &Message, max_payload: Option<u16>, v4: Ipv4Addr) -> Vec<u8> {
@@ -71,6 +74,12 @@ pub fn answer_for(req: &Message, max_payload: Option<u16>, v4: Ipv4Addr) -> Vec<
             30,
             RData::SOA(soa),
         ));
+    } else if first.starts_with("nodata") {
+        // NOERROR, no records.
+    } else if first.starts_with("servfail") {
+        resp.metadata.response_code = ResponseCode::ServFail;
+    } else if first.starts_with("refused") {
+        resp.metadata.response_code = ResponseCode::Refused;
     } else if first.starts_with("big") && q.query_type() == RecordType::A {
         for i in 0..100u8 {
             resp.add_answer(Record::from_rdata(
